@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""A scripted agent peer for omk_llm's tests and benchmarks.
+
+It speaks the Kimi wire protocol (default) or ACP (``--acp``) on stdin/stdout, like the
+real Kimi CLI does, and plays back each prompt as a small script, one command a line:
+
+    text: X          a text chunk            think: X       a reasoning chunk
+    usage: {...}     a wire token_usage      sleep: S       wait S seconds (cancel ends it)
+    stall            wait until cancelled    deaf           ignore everything, forever
+    flood            text until cancelled    flood-deaf     text forever, cancel or not
+    events: N SIZE   N text chunks of SIZE bytes in one write
+    die: CODE        exit at once            garbage        junk and unrelated lines
+    split: X         a text chunk written a few bytes at a time
+    longline: N      one line of N bytes     stderr: N      N bytes on stderr
+    request: TYPE    ask the client, wait for the answer, then say it as text
+    error: CODE MSG  end with that JSON-RPC error
+    status: S        end with that status (wire) or stopReason (ACP)
+    grandchild       start a long sleep in the background and say its pid
+    nothing          end without a single update (ACP: a hidden provider error)
+
+Options: --acp, --old (wire: answer -32601 to initialize), --banner TEXT (print it and
+exit 0, like kimi-cli 1.52.0's ``kimi`` script), --silent (never answer initialize),
+--exit-after N (exit after N prompts), --startup-delay S, --auth-required (ACP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+OUT = sys.stdout.buffer
+OUT_LOCK = threading.Lock()
+
+
+def write_raw(data: bytes) -> None:
+    with OUT_LOCK:
+        OUT.write(data)
+        OUT.flush()
+
+
+def emit(obj: Any) -> None:
+    write_raw(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+
+
+class Peer:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.acp = opts.acp
+        self.opts = opts
+        self.turn: Optional[threading.Thread] = None
+        self.cancelled = threading.Event()
+        self.answers: "queue.Queue[Any]" = queue.Queue()
+        self.prompts = 0
+        self.request_ids = iter(range(10**9))
+
+    # -- output in the protocol's shape --
+
+    def event(self, kind: str, payload: Any) -> dict:
+        if self.acp:
+            return {"jsonrpc": "2.0", "method": "session/update", "params": {"sessionId": "s-1", "update": payload}}
+        return {"jsonrpc": "2.0", "method": "event", "params": {"type": kind, "payload": payload}}
+
+    def text_event(self, text: str) -> dict:
+        if self.acp:
+            return self.event("", {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}})
+        return self.event("ContentPart", {"type": "text", "text": text})
+
+    def think_event(self, text: str) -> dict:
+        if self.acp:
+            return self.event("", {"sessionUpdate": "agent_thought_chunk", "content": {"type": "text", "text": text}})
+        return self.event("ContentPart", {"type": "think", "think": text})
+
+    def request(self, kind: str) -> Any:
+        if self.acp:
+            request_id: Any = next(self.request_ids)
+            if kind == "permission":
+                options = [
+                    {"kind": "allow_once", "name": "Approve once", "optionId": "approve"},
+                    {"kind": "allow_always", "name": "Approve for this session", "optionId": "approve_for_session"},
+                    {"kind": "reject_once", "name": "Reject", "optionId": "reject"},
+                ]
+                params = {"sessionId": "s-1", "options": options, "toolCall": {"toolCallId": "tc-1"}}
+                emit({"jsonrpc": "2.0", "id": request_id, "method": "session/request_permission", "params": params})
+            else:
+                emit({"jsonrpc": "2.0", "id": request_id, "method": kind, "params": {"sessionId": "s-1"}})
+        else:
+            request_id = str(uuid.uuid4())
+            payload = {"id": request_id, "tool_call_id": "tc-1", "sender": "Shell", "action": "run command"}
+            emit({"jsonrpc": "2.0", "method": "request", "id": request_id, "params": {"type": kind, "payload": payload}})
+        return request_id
+
+    def respond(self, request_id: Any, result: Any) -> None:
+        emit({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    def fail(self, request_id: Any, code: int, message: str) -> None:
+        emit({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message, "data": None}})
+
+    def end(self, request_id: Any, status: str) -> None:
+        if self.acp:
+            acp_status = {"finished": "end_turn"}.get(status, status)
+            self.respond(request_id, {"stopReason": acp_status})
+        else:
+            emit(self.event("TurnEnd", {}))
+            self.respond(request_id, {"status": status})
+
+    # -- the turn --
+
+    def run_turn(self, request_id: Any, script: str) -> None:
+        try:
+            status = self.play(script)
+        except Exception as err:  # a broken script is a test bug: say so loudly
+            sys.stderr.write(f"fake peer: {err!r}\n")
+            status = "error: -32603 fake peer broke"
+        self.prompts += 1
+        if status.startswith("error: "):
+            code, _, message = status[len("error: "):].partition(" ")
+            self.fail(request_id, int(code), message)
+        else:
+            self.end(request_id, status)
+        self.turn = None
+        if self.opts.exit_after and self.prompts >= self.opts.exit_after:
+            os._exit(0)
+
+    def play(self, script: str) -> str:
+        if not self.acp:
+            emit(self.event("TurnBegin", {"user_input": script}))
+            emit(self.event("StepBegin", {"n": 1}))
+        for line in script.splitlines():
+            command, _, arg = line.partition(":")
+            command, arg = command.strip(), arg.strip()
+            if command == "text":
+                emit(self.text_event(arg))
+            elif command == "think":
+                emit(self.think_event(arg))
+            elif command == "usage":
+                emit(self.event("StatusUpdate", {"token_usage": json.loads(arg), "context_usage": None}))
+            elif command == "sleep":
+                if self.cancelled.wait(float(arg)):
+                    return "cancelled"
+            elif command == "stall":
+                self.cancelled.wait()
+                return "cancelled"
+            elif command == "deaf":
+                time.sleep(3600)
+            elif command == "flood":
+                while not self.cancelled.is_set():
+                    emit(self.text_event("x" * 100))
+                return "cancelled"
+            elif command == "flood-deaf":
+                while True:
+                    emit(self.text_event("x" * 100))
+            elif command == "events":
+                count, size = (int(word) for word in arg.split())
+                line_bytes = json.dumps(self.text_event("x" * size)).encode() + b"\n"
+                batch = 4096
+                for start in range(0, count, batch):
+                    write_raw(line_bytes * min(batch, count - start))
+            elif command == "die":
+                os._exit(int(arg or 1))
+            elif command == "garbage":
+                for junk in (b"not json at all", b"{}", b"[1, 2]", b"   ", b'{"jsonrpc": "2.0", "id": "zzz", "result": {}}',
+                             b'{"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "Invalid JSON"}}',
+                             b'{"jsonrpc": "2.0", "method": "event", "params": {"type": "Mystery", "payload": {}}}',
+                             b'{"jsonrpc": "2.0", "method": "session/update", "params": {"sessionId": "other", "update": {}}}'):
+                    write_raw(junk + b"\n")
+            elif command == "split":
+                data = json.dumps(self.text_event(arg), ensure_ascii=False).encode() + b"\n"
+                for start in range(0, len(data), 3):
+                    write_raw(data[start:start + 3])
+                    time.sleep(0.001)
+            elif command == "longline":
+                size = int(arg)
+                chunk = b"a" * 65536
+                for _ in range(size // len(chunk)):
+                    write_raw(chunk)
+                write_raw(b"a" * (size % len(chunk)) + b"\n")
+            elif command == "stderr":
+                size = int(arg)
+                line_bytes = b"e" * 99 + b"\n"
+                err = sys.stderr.buffer
+                for _ in range(size // 100):
+                    err.write(line_bytes)
+                err.write(b"the last stderr line\n")
+                err.flush()
+            elif command == "request":
+                request_id = self.request(arg)
+                while True:
+                    try:
+                        answer = self.answers.get(timeout=0.05)
+                    except queue.Empty:
+                        if self.cancelled.is_set():
+                            return "cancelled"
+                        continue
+                    if answer.get("id") == request_id:
+                        break
+                shown = answer.get("result", answer.get("error"))
+                emit(self.text_event(f"answered {arg}: {json.dumps(shown, sort_keys=True)}"))
+                if self.cancelled.is_set():
+                    return "cancelled"
+            elif command == "error":
+                return "error: " + arg
+            elif command == "status":
+                return arg
+            elif command == "grandchild":
+                child = subprocess.Popen(["sleep", "300"])
+                emit(self.text_event(str(child.pid)))
+            elif command == "nothing":
+                return "finished"
+        return "finished"
+
+    # -- the dispatcher --
+
+    def handle(self, message: Any) -> None:
+        method = message.get("method")
+        request_id = message.get("id")
+        params = message.get("params") or {}
+        if method is None:
+            self.answers.put(message)
+        elif method == "initialize":
+            if self.opts.silent:
+                return
+            if self.opts.old:
+                self.fail(request_id, -32601, "Unexpected method received: initialize")
+            elif self.acp:
+                self.respond(request_id, {"protocolVersion": 1, "agentInfo": {"name": "fake", "version": "0"},
+                                          "authMethods": [{"id": "login", "name": "Login", "description": "run fake login"}]})
+            else:
+                self.respond(request_id, {"protocol_version": "1.10", "server": {"name": "fake", "version": "0"}})
+        elif method == "session/new":
+            if self.opts.auth_required:
+                self.fail(request_id, -32000, "Authentication required")
+            else:
+                self.respond(request_id, {"sessionId": "s-1"})
+        elif method in ("prompt", "session/prompt"):
+            if self.turn is not None:
+                self.fail(request_id, -32000, "An agent turn is already in progress")
+                return
+            if self.acp:
+                if params.get("sessionId") != "s-1":
+                    emit({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": "Invalid params",
+                                                                           "data": {"session_id": "Session not found"}}})
+                    return
+                script = params["prompt"][0]["text"]
+            else:
+                script = params["user_input"]
+            self.cancelled.clear()
+            self.turn = threading.Thread(target=self.run_turn, args=(request_id, script), daemon=True)
+            self.turn.start()
+        elif method == "cancel":
+            if self.turn is None:
+                self.fail(request_id, -32000, "No agent turn is in progress")
+            else:
+                self.respond(request_id, {})
+                self.cancelled.set()
+        elif method == "session/cancel":
+            self.cancelled.set()
+        elif request_id is not None:
+            self.fail(request_id, -32601, f"Unexpected method received: {method}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--acp", action="store_true")
+    parser.add_argument("--old", action="store_true")
+    parser.add_argument("--silent", action="store_true")
+    parser.add_argument("--banner")
+    parser.add_argument("--exit-after", type=int, default=0)
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--auth-required", action="store_true")
+    opts = parser.parse_args()
+    if opts.banner:
+        print(opts.banner)
+        return
+    time.sleep(opts.startup_delay)
+    peer = Peer(opts)
+    for raw in sys.stdin.buffer:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            if raw.strip() and not peer.acp:
+                peer.fail(None, -32700, "Invalid JSON format")
+            continue
+        peer.handle(message)
+    os._exit(0)  # stdin closed: drop any pending answer, as the real peer does
+
+
+if __name__ == "__main__":
+    main()

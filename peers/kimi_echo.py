@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Run a prompt through the real Kimi CLI, offline, with its echo provider.
+
+    python3 peers/kimi_echo.py "text: Hello from a real Kimi CLI"
+    python3 peers/kimi_echo.py --acp "text: Hello over ACP"
+    python3 peers/kimi_echo.py --setup          # only install, then print the commands
+
+On first use this installs kimi-cli (pinned) into ``.peer/venv`` beside this folder, with
+a Python 3.12 or newer found through $OMK_PEER_PYTHON, pyenv, or PATH. It then writes an
+echo-provider config into ``.peer/home`` and runs omk_llm's command line against it, so
+no account and no network are needed. The echo provider plays back a script given as
+the prompt (``text: ...``, ``think: ...``, ``usage: {...}``, ``tool_call: {...}``); a
+plain-language prompt makes it fail. Other options go to omk_llm's command line.
+
+Tests import ``ensure_installed`` and ``peer_command`` from here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+KIMI_CLI = "kimi-cli==1.52.0"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEER_DIR = Path(os.environ.get("OMK_PEER_DIR", ROOT / ".peer"))
+
+ECHO_CONFIG = """\
+default_model = "echo"
+telemetry = false
+[models.echo]
+provider = "echo_provider"
+model = "echo"
+max_context_size = 100000
+[providers.echo_provider]
+type = "_echo"
+base_url = ""
+api_key = ""
+"""
+
+
+def _version(python: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        out = subprocess.run(
+            [python, "-c", "import sys; print(*sys.version_info[:3])"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    major, minor, micro = (int(part) for part in out.split())
+    return major, minor, micro
+
+
+def _usable(version: Optional[Tuple[int, int, int]]) -> bool:
+    # kimi-cli needs 3.12+, and fails to start on 3.12.0/3.12.1 (a CPython dataclass bug).
+    return version is not None and version >= (3, 12, 2)
+
+
+def find_python() -> str:
+    """A Python that can run kimi-cli, newest first."""
+    candidates: List[str] = []
+    if os.environ.get("OMK_PEER_PYTHON"):
+        candidates.append(os.environ["OMK_PEER_PYTHON"])
+    pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    if shutil.which("pyenv"):
+        try:
+            pyenv_root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    found = glob.glob(os.path.join(pyenv_root, "versions", "3.*", "bin", "python"))
+    found.sort(key=lambda p: [int(x) for x in re.findall(r"\d+", p.split("/versions/")[1].split("/")[0])[:3]], reverse=True)
+    candidates += found
+    candidates += [p for p in (shutil.which(name) for name in ("python3.13", "python3.12", "python3")) if p]
+    for python in candidates:
+        if _usable(_version(python)):
+            return python
+    sys.exit("kimi_echo: no Python 3.12.2 or newer found for kimi-cli; set OMK_PEER_PYTHON to one")
+
+
+def venv_python() -> Path:
+    return PEER_DIR / "venv" / "bin" / "python"
+
+
+def ensure_installed(quiet: bool = False) -> Path:
+    """Install kimi-cli into .peer/venv unless it is there; return that venv's Python."""
+    python = venv_python()
+    marker = PEER_DIR / "venv" / ".installed"
+    if python.exists() and marker.exists() and marker.read_text() == KIMI_CLI:
+        return python
+    base = find_python()
+    if not quiet:
+        print(f"kimi_echo: installing {KIMI_CLI} into {PEER_DIR / 'venv'} (once; about a minute)", file=sys.stderr)
+    shutil.rmtree(PEER_DIR / "venv", ignore_errors=True)
+    subprocess.run([base, "-m", "venv", str(PEER_DIR / "venv")], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", KIMI_CLI],
+                   check=True, stdout=subprocess.DEVNULL if quiet else None)
+    marker.write_text(KIMI_CLI)
+    return python
+
+
+def peer_command(protocol: str = "wire", home: Optional[Path] = None) -> Tuple[List[str], Dict[str, str]]:
+    """The argv and environment that run the installed Kimi CLI offline with the echo
+    provider, in ``home`` (default ``.peer/home``), speaking ``protocol`` ("wire" or "acp")."""
+    home = Path(home or PEER_DIR / "home").resolve()
+    share = home / ".kimi"
+    work = home / "work"
+    for folder in (share / "credentials", work):
+        folder.mkdir(parents=True, exist_ok=True)
+    (share / "config.toml").write_text(ECHO_CONFIG)
+    # ACP refuses session/new without a login token file. This dummy one is never sent
+    # anywhere: the echo provider needs no network.
+    token = {"access_token": "offline-dummy", "refresh_token": "offline-dummy", "expires_at": 4102444800}
+    (share / "credentials" / "kimi-code.json").write_text(json.dumps(token))
+    env = dict(os.environ)
+    env.update(HOME=str(home), KIMI_SHARE_DIR=str(share), KIMI_DISABLE_TELEMETRY="1",
+               KIMI_CLI_NO_AUTO_UPDATE="1", LANG="C.UTF-8")
+    python = str(venv_python())
+    if protocol == "acp":
+        return [python, "-m", "kimi_cli.cli", "acp"], env
+    return [python, "-m", "kimi_cli.cli", "--wire", "--config-file", str(share / "config.toml"),
+            "--work-dir", str(work)], env
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    protocol = "acp" if "--acp" in args else "wire"
+    ensure_installed()
+    command, env = peer_command(protocol)
+    if "--setup" in args:
+        print(" ".join(command))
+        return 0
+    sys.path.insert(0, str(ROOT))
+    import omk_llm
+
+    os.environ.update(env)
+    option = "OMK_LLM_ACP_COMMAND" if protocol == "acp" else "OMK_LLM_COMMAND"
+    return omk_llm.main(args, environ={**env, option: " ".join(command)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
