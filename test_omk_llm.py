@@ -149,6 +149,35 @@ def acp_client(*options: str, **kwargs: Any) -> Iterator[AcpLlmClient]:
         client.close()
 
 
+PROTOCOLS = ["wire", "acp"]
+CLIENTS: dict = {"wire": WireLlmClient, "acp": AcpLlmClient}
+STATUS = {
+    "wire": {"cancelled": "cancelled", "max_steps": "max_steps_reached"},
+    "acp": {"cancelled": "cancelled", "max_steps": "max_turn_requests"},
+}
+ASK_APPROVAL = {"wire": "request: ApprovalRequest", "acp": "request: permission"}
+APPROVAL_ANSWER = {"wire": '"response": "{}"', "acp": '"optionId": "{}"'}
+
+
+@pytest.fixture(params=PROTOCOLS)
+def protocol(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def fake_transport(protocol: str, *options: str, **kwargs: Any) -> Any:
+    return fake_wire(*options, **kwargs) if protocol == "wire" else fake_acp(*options, **kwargs)
+
+
+@contextlib.contextmanager
+def agent_client(protocol: str, *options: str, **kwargs: Any) -> Iterator[Any]:
+    """A client of either protocol over the fake peer."""
+    client = CLIENTS[protocol](fake_transport(protocol, *options), kwargs.pop("config", config()), **kwargs)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def budget() -> TokenBudget:
     return TokenBudget(1_000_000)
 
@@ -832,8 +861,8 @@ def test_close_leaves_no_process_behind() -> None:
     assert not pid_alive(pid)
 
 
-def test_close_kills_grandchildren_too() -> None:
-    with wire_client() as client:
+def test_close_kills_grandchildren_too(protocol: str) -> None:
+    with agent_client(protocol) as client:
         grandchild = int(client.complete("grandchild", budget()).content)
         assert pid_alive(grandchild)
     deadline = time.monotonic() + 5
@@ -854,13 +883,13 @@ def test_a_forgotten_transport_is_ended_by_its_finalizer() -> None:
     assert not pid_alive(pid)
 
 
-def test_many_open_close_cycles_leave_no_descriptors_or_processes() -> None:
+def test_many_open_close_cycles_leave_no_descriptors_or_processes(protocol: str) -> None:
     before = open_fds()
     pids = []
     for _ in range(15):
-        with wire_client() as client:
+        with agent_client(protocol) as client:
             client.complete("text: hi", budget())
-            pid = client.wire.pid  # type: ignore[attr-defined]
+            pid = client.transport.pid  # type: ignore[attr-defined]
             pids.append(pid)
     assert open_fds() == before
     assert not any(pid_alive(pid) for pid in pids)
@@ -878,8 +907,8 @@ def test_a_closed_transport_refuses_further_use() -> None:
 # ======================================================================================
 
 
-def test_text_and_thinking_are_collected_apart() -> None:
-    with wire_client() as client:
+def test_text_and_thinking_are_collected_apart(protocol: str) -> None:
+    with agent_client(protocol) as client:
         response = client.complete("think: pondering\ntext: Hello\ntext: , world", budget())
     assert (response.content, response.thinking, response.finish_reason) == ("Hello, world", "pondering", "stop")
 
@@ -892,40 +921,40 @@ def test_reported_usage_gives_the_counts_and_is_recorded_in_the_budget() -> None
     assert b.used_tokens == 157
 
 
-def test_without_reported_usage_the_estimator_counts() -> None:
+def test_without_reported_usage_the_estimator_counts(protocol: str) -> None:
     estimator = CostEstimator()
     b = budget()
     prompt = "text: a short answer"
-    with wire_client(cost_estimator=estimator) as client:
+    with agent_client(protocol, cost_estimator=estimator) as client:
         response = client.complete(prompt, b)
     assert response.prompt_tokens == estimator.count_tokens(prompt, "kimi-k2")
     assert response.completion_tokens == estimator.count_tokens("a short answer", "kimi-k2")
     assert b.used_tokens == response.total_tokens
 
 
-def test_on_text_receives_each_chunk_in_order() -> None:
+def test_on_text_receives_each_chunk_in_order(protocol: str) -> None:
     chunks: List[str] = []
-    with wire_client() as client:
+    with agent_client(protocol) as client:
         response = client.complete("text: one\ntext: two\ntext: three", budget(), on_text=chunks.append)
     assert chunks == ["one", "two", "three"]
     assert "".join(chunks) == response.content
 
 
-def test_many_prompts_on_one_client_use_one_child() -> None:
-    with wire_client() as client:
+def test_many_prompts_on_one_client_use_one_child(protocol: str) -> None:
+    with agent_client(protocol) as client:
         answers = [client.complete(f"text: answer {i}", budget()).content for i in range(20)]
-        pid = client.wire.pid  # type: ignore[attr-defined]
-        assert [client.complete("text: again", budget()).content, client.wire.pid] == ["again", pid]  # type: ignore[attr-defined]
+        pid = client.transport.pid  # type: ignore[attr-defined]
+        assert [client.complete("text: again", budget()).content, client.transport.pid] == ["again", pid]  # type: ignore[attr-defined]
     assert answers == [f"answer {i}" for i in range(20)]
 
 
-def test_one_client_shared_by_threads_gives_each_its_own_answer() -> None:
+def test_one_client_shared_by_threads_gives_each_its_own_answer(protocol: str) -> None:
     results: dict = {}
 
     def ask(i: int) -> None:
         results[i] = client.complete(f"text: thread {i}\nsleep: 0.01", budget()).content
 
-    with wire_client() as client:
+    with agent_client(protocol) as client:
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
@@ -942,36 +971,36 @@ def test_an_empty_or_non_text_prompt_is_refused_before_sending(prompt: Any) -> N
     assert wire.responses == []
 
 
-def test_a_prompt_over_max_tokens_is_refused_before_sending() -> None:
-    with wire_client(config=config(max_tokens=5)) as client, pytest.raises(ContextLengthExceededError) as caught:
+def test_a_prompt_over_max_tokens_is_refused_before_sending(protocol: str) -> None:
+    with agent_client(protocol, config=config(max_tokens=5)) as client, pytest.raises(ContextLengthExceededError) as caught:
         client.complete("text: " + "many words " * 20, budget())
     assert caught.value.max_tokens == 5
-    assert client.wire.pid is None  # type: ignore[attr-defined]
+    assert client.transport.pid is None  # type: ignore[attr-defined]
 
 
-def test_a_prompt_the_budget_cannot_afford_is_refused_before_sending() -> None:
-    with wire_client() as client, pytest.raises(BudgetExhaustedError) as caught:
+def test_a_prompt_the_budget_cannot_afford_is_refused_before_sending(protocol: str) -> None:
+    with agent_client(protocol) as client, pytest.raises(BudgetExhaustedError) as caught:
         client.complete("text: hello there", TokenBudget(2))
     assert (caught.value.used, caught.value.max) == (0, 2)
-    assert client.wire.pid is None  # type: ignore[attr-defined]
+    assert client.transport.pid is None  # type: ignore[attr-defined]
 
 
-def test_garbage_and_unrelated_lines_are_skipped_without_losing_the_turn(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="omk_llm"), wire_client() as client:
+def test_garbage_and_unrelated_lines_are_skipped_without_losing_the_turn(protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="omk_llm"), agent_client(protocol) as client:
         response = client.complete("text: before\ngarbage\ntext: after", budget())
     assert response.content == "beforeafter"
     assert any("not JSON" in r.getMessage() for r in caplog.records)
 
 
-def test_lines_split_across_writes_and_utf8_characters_arrive_whole() -> None:
+def test_lines_split_across_writes_and_utf8_characters_arrive_whole(protocol: str) -> None:
     text = "héllo wörld — 你好 🎉"
-    with wire_client() as client:
+    with agent_client(protocol) as client:
         assert client.complete(f"split: {text}\nsplit: {text}", budget()).content == text * 2
 
 
-def test_a_line_longer_than_the_cap_is_an_error_and_memory_stays_bounded() -> None:
-    wire = fake_wire(max_line_bytes=1 << 20)
-    with WireLlmClient(wire, config(retry=NO_RETRY)) as client:
+def test_a_line_longer_than_the_cap_is_an_error_and_memory_stays_bounded(protocol: str) -> None:
+    transport = fake_transport(protocol, max_line_bytes=1 << 20)
+    with CLIENTS[protocol](transport, config(retry=NO_RETRY)) as client:
         with pytest.raises(ParseError, match="longer than"):
             client.complete("longline: 8000000", budget())
         # the child was ended; the next prompt starts a new one
@@ -1000,14 +1029,14 @@ def test_memory_stays_bounded_when_a_line_is_far_over_the_cap() -> None:
     assert int(done.stdout) < 16  # MiB of growth, for a 60 MB line with a 1 MiB cap
 
 
-def test_megabytes_on_stderr_do_not_stall_the_peer() -> None:
-    with wire_client() as client:
+def test_megabytes_on_stderr_do_not_stall_the_peer(protocol: str) -> None:
+    with agent_client(protocol) as client:
         assert client.complete("stderr: 4000000\ntext: done", budget()).content == "done"
-        assert "the last stderr line" in client.wire.stderr_tail()  # type: ignore[attr-defined]
+        assert "the last stderr line" in client.transport.stderr_tail()  # type: ignore[attr-defined]
 
 
-def test_a_stalled_peer_times_out_at_the_deadline_and_the_next_prompt_is_clean() -> None:
-    with wire_client(config=config(timeout=0.5, retry=NO_RETRY)) as client:
+def test_a_stalled_peer_times_out_at_the_deadline_and_the_next_prompt_is_clean(protocol: str) -> None:
+    with agent_client(protocol, config=config(timeout=0.5, retry=NO_RETRY)) as client:
         started = time.monotonic()
         with pytest.raises(LlmTimeoutError):
             client.complete("text: stale\nstall", budget())
@@ -1015,8 +1044,8 @@ def test_a_stalled_peer_times_out_at_the_deadline_and_the_next_prompt_is_clean()
         assert client.complete("text: fresh", budget()).content == "fresh"
 
 
-def test_a_peer_streaming_forever_is_stopped_by_the_deadline_not_an_idle_gap() -> None:
-    with wire_client(config=config(timeout=0.5, retry=NO_RETRY)) as client:
+def test_a_peer_streaming_forever_is_stopped_by_the_deadline_not_an_idle_gap(protocol: str) -> None:
+    with agent_client(protocol, config=config(timeout=0.5, retry=NO_RETRY)) as client:
         started = time.monotonic()
         with pytest.raises(LlmTimeoutError):
             client.complete("flood", budget())
@@ -1024,50 +1053,51 @@ def test_a_peer_streaming_forever_is_stopped_by_the_deadline_not_an_idle_gap() -
         assert client.complete("text: after the flood", budget()).content == "after the flood"
 
 
-def test_a_peer_that_will_not_settle_after_cancel_is_ended_and_replaced() -> None:
-    with wire_client(config=config(timeout=0.3, retry=NO_RETRY), cancel_grace=0.3) as client:
+def test_a_peer_that_will_not_settle_after_cancel_is_ended_and_replaced(protocol: str) -> None:
+    with agent_client(protocol, config=config(timeout=0.3, retry=NO_RETRY), cancel_grace=0.3) as client:
         client.complete("text: warm up", budget())
-        first = client.wire.pid  # type: ignore[attr-defined]
+        first = client.transport.pid  # type: ignore[attr-defined]
         with pytest.raises(LlmTimeoutError):
             client.complete("flood-deaf", budget())
         assert first is not None and not pid_alive(first)
         assert client.complete("text: new child", budget()).content == "new child"
-        assert client.wire.pid != first  # type: ignore[attr-defined]
+        assert client.transport.pid != first  # type: ignore[attr-defined]
 
 
-def test_a_timeout_is_retried_by_the_policy() -> None:
+def test_a_timeout_is_retried_by_the_policy(protocol: str) -> None:
     calls: List[int] = []
-    with wire_client(config=config(timeout=0.3)) as client:
-        client.wire.start_prompt = _counting(client.wire.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
+    with agent_client(protocol, config=config(timeout=0.3)) as client:
+        client.transport.start_prompt = _counting(client.transport.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
         with pytest.raises(LlmTimeoutError):
             client.complete("stall", budget())
     assert len(calls) == 1 + FAST_RETRY.max_retries
 
 
-def test_a_peer_that_dies_mid_turn_is_a_transient_error_with_its_stderr() -> None:
-    with wire_client(config=config(retry=NO_RETRY)) as client, pytest.raises(TransientNetworkError) as caught:
+def test_a_peer_that_dies_mid_turn_is_a_transient_error_with_its_stderr(protocol: str) -> None:
+    with agent_client(protocol, config=config(retry=NO_RETRY)) as client, pytest.raises(TransientNetworkError) as caught:
         client.complete("stderr: 10\ndie: 3", budget())
     assert "exited with code 3" in str(caught.value)
     assert "the last stderr line" in str(caught.value)
 
 
-def test_a_retry_after_the_child_died_succeeds_on_a_new_child() -> None:
-    with wire_client("--exit-after", "1") as client:
+def test_a_retry_after_the_child_died_succeeds_on_a_new_child(protocol: str) -> None:
+    with agent_client(protocol, "--exit-after", "1") as client:
         assert client.complete("text: first", budget()).content == "first"
-        first = client.wire.pid  # type: ignore[attr-defined]
+        first = client.transport.pid  # type: ignore[attr-defined]
         time.sleep(0.2)  # the peer exits between prompts
         assert client.complete("text: second", budget()).content == "second"
-        assert client.wire.pid != first  # type: ignore[attr-defined]
+        assert client.transport.pid != first  # type: ignore[attr-defined]
 
 
-def test_a_cancelled_turn_is_an_error_not_a_success() -> None:
-    with wire_client() as client, pytest.raises(TurnCancelledError):
-        client.complete("text: partial\nstatus: cancelled", budget())
+def test_a_cancelled_turn_is_an_error_not_a_success(protocol: str) -> None:
+    with agent_client(protocol) as client, pytest.raises(TurnCancelledError):
+        client.complete(f"text: partial\nstatus: {STATUS[protocol]['cancelled']}", budget())
 
 
-def test_the_step_limit_finishes_with_max_steps() -> None:
-    with wire_client() as client:
-        assert client.complete("text: partial\nstatus: max_steps_reached", budget()).finish_reason == "max_steps"
+def test_the_step_limit_finishes_with_max_steps(protocol: str) -> None:
+    with agent_client(protocol) as client:
+        response = client.complete(f"text: partial\nstatus: {STATUS[protocol]['max_steps']}", budget())
+    assert response.finish_reason == "max_steps"
 
 
 @pytest.mark.parametrize(
@@ -1126,21 +1156,23 @@ def test_every_kind_of_peer_request_is_answered_so_the_turn_goes_on(kind: str, a
 
 
 @pytest.mark.parametrize("policy", ["approve", "approve_for_session", "reject"])
-def test_approvals_follow_the_policy(policy: str) -> None:
-    with wire_client(approval=policy) as client:
-        assert f'"response": "{policy}"' in client.complete("request: ApprovalRequest", budget()).content
+def test_approvals_follow_the_policy(protocol: str, policy: str) -> None:
+    with agent_client(protocol, approval=policy) as client:
+        answer = client.complete(ASK_APPROVAL[protocol], budget()).content
+    assert APPROVAL_ANSWER[protocol].format(policy) in answer
 
 
-def test_an_approval_callable_sees_the_request() -> None:
+def test_an_approval_callable_sees_the_request(protocol: str) -> None:
     seen: List[Request] = []
 
     def decide(request: Request) -> str:
         seen.append(request)
         return "approve"
 
-    with wire_client(approval=decide) as client:
-        assert '"response": "approve"' in client.complete("request: ApprovalRequest", budget()).content
-    assert seen[0].type == "ApprovalRequest"
+    with agent_client(protocol, approval=decide) as client:
+        answer = client.complete(ASK_APPROVAL[protocol], budget()).content
+    assert APPROVAL_ANSWER[protocol].format("approve") in answer
+    assert seen[0].type == {"wire": "ApprovalRequest", "acp": "session/request_permission"}[protocol]
 
 
 def test_an_unknown_approval_policy_is_refused_at_construction() -> None:
@@ -1148,22 +1180,22 @@ def test_an_unknown_approval_policy_is_refused_at_construction() -> None:
         WireLlmClient(ReplayWire("basic.jsonl", "p1"), approval="yes")  # type: ignore[arg-type]
 
 
-def test_an_approval_decided_after_the_deadline_is_cancelled_and_the_next_prompt_is_clean() -> None:
+def test_an_approval_decided_after_the_deadline_is_cancelled_and_the_next_prompt_is_clean(protocol: str) -> None:
     def slow(request: Request) -> str:
         time.sleep(0.6)
         return "approve"
 
-    with wire_client(config=config(timeout=0.3, retry=NO_RETRY), approval=slow) as client:
+    with agent_client(protocol, config=config(timeout=0.3, retry=NO_RETRY), approval=slow) as client:
         with pytest.raises(LlmTimeoutError):
-            client.complete("request: ApprovalRequest\nstall", budget())
+            client.complete(ASK_APPROVAL[protocol] + "\nstall", budget())
         assert client.complete("text: clean", budget()).content == "clean"
 
 
-def test_a_callback_that_raises_ends_the_turn_and_the_next_prompt_is_clean() -> None:
+def test_a_callback_that_raises_ends_the_turn_and_the_next_prompt_is_clean(protocol: str) -> None:
     def explode(chunk: str) -> None:
         raise RuntimeError("callback failed")
 
-    with wire_client() as client:
+    with agent_client(protocol) as client:
         with pytest.raises(RuntimeError):
             client.complete("text: a\nsleep: 0.2\ntext: b", budget(), on_text=explode)
         assert client.complete("text: clean", budget()).content == "clean"

@@ -17,6 +17,7 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     status: S        end with that status (wire) or stopReason (ACP)
     grandchild       start a long sleep in the background and say its pid
     nothing          end without a single update (ACP: a hidden provider error)
+    forget           (ACP) lose the session, as an agent restarted behind a proxy would
 
 Options: --acp, --old (wire: answer -32601 to initialize), --banner TEXT (print it and
 exit 0, like kimi-cli 1.52.0's ``kimi`` script), --silent (never answer initialize),
@@ -59,12 +60,14 @@ class Peer:
         self.answers: "queue.Queue[Any]" = queue.Queue()
         self.prompts = 0
         self.request_ids = iter(range(10**9))
+        self.sessions = 0
+        self.session: Optional[str] = None
 
     # -- output in the protocol's shape --
 
     def event(self, kind: str, payload: Any) -> dict:
         if self.acp:
-            return {"jsonrpc": "2.0", "method": "session/update", "params": {"sessionId": "s-1", "update": payload}}
+            return {"jsonrpc": "2.0", "method": "session/update", "params": {"sessionId": self.session, "update": payload}}
         return {"jsonrpc": "2.0", "method": "event", "params": {"type": kind, "payload": payload}}
 
     def text_event(self, text: str) -> dict:
@@ -86,10 +89,10 @@ class Peer:
                     {"kind": "allow_always", "name": "Approve for this session", "optionId": "approve_for_session"},
                     {"kind": "reject_once", "name": "Reject", "optionId": "reject"},
                 ]
-                params = {"sessionId": "s-1", "options": options, "toolCall": {"toolCallId": "tc-1"}}
+                params = {"sessionId": self.session, "options": options, "toolCall": {"toolCallId": "tc-1"}}
                 emit({"jsonrpc": "2.0", "id": request_id, "method": "session/request_permission", "params": params})
             else:
-                emit({"jsonrpc": "2.0", "id": request_id, "method": kind, "params": {"sessionId": "s-1"}})
+                emit({"jsonrpc": "2.0", "id": request_id, "method": kind, "params": {"sessionId": self.session}})
         else:
             request_id = str(uuid.uuid4())
             payload = {"id": request_id, "tool_call_id": "tc-1", "sender": "Shell", "action": "run command"}
@@ -213,6 +216,8 @@ class Peer:
                 emit(self.text_event(str(child.pid)))
             elif command == "nothing":
                 return "finished"
+            elif command == "forget":
+                self.session = None  # the next prompt meets "Session not found"
         return "finished"
 
     # -- the dispatcher --
@@ -237,13 +242,15 @@ class Peer:
             if self.opts.auth_required:
                 self.fail(request_id, -32000, "Authentication required")
             else:
-                self.respond(request_id, {"sessionId": "s-1"})
+                self.sessions += 1
+                self.session = f"s-{self.sessions}"
+                self.respond(request_id, {"sessionId": self.session})
         elif method in ("prompt", "session/prompt"):
             if self.turn is not None:
                 self.fail(request_id, -32000, "An agent turn is already in progress")
                 return
             if self.acp:
-                if params.get("sessionId") != "s-1":
+                if self.session is None or params.get("sessionId") != self.session:
                     emit({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": "Invalid params",
                                                                            "data": {"session_id": "Session not found"}}})
                     return

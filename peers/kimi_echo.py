@@ -33,7 +33,7 @@ ROOT = HERE.parent
 PEER_DIR = Path(os.environ.get("OMK_PEER_DIR", ROOT / ".peer"))
 
 ECHO_CONFIG = """\
-default_model = "echo"
+default_model = "{default_model}"
 telemetry = false
 [models.echo]
 provider = "echo_provider"
@@ -41,6 +41,14 @@ model = "echo"
 max_context_size = 100000
 [providers.echo_provider]
 type = "_echo"
+base_url = ""
+api_key = ""
+[models.scripted]
+provider = "scripted_provider"
+model = "scripted"
+max_context_size = 100000
+[providers.scripted_provider]
+type = "_scripted_echo"
 base_url = ""
 api_key = ""
 """
@@ -105,22 +113,28 @@ def ensure_installed(quiet: bool = False) -> Path:
     return python
 
 
-def peer_command(protocol: str = "wire", home: Optional[Path] = None) -> Tuple[List[str], Dict[str, str]]:
+def peer_command(
+    protocol: str = "wire", home: Optional[Path] = None, scripts: Optional[List[str]] = None
+) -> Tuple[List[str], Dict[str, str]]:
     """The argv and environment that run the installed Kimi CLI offline with the echo
-    provider, in ``home`` (default ``.peer/home``), speaking ``protocol`` ("wire" or "acp")."""
+    provider, in ``home`` (default ``.peer/home``), speaking ``protocol`` ("wire" or "acp").
+
+    With ``scripts``, the scripted echo provider plays them back instead, one per model
+    call across the whole session (a tool call, then the step after it, ...)."""
     home = Path(home or PEER_DIR / "home").resolve()
     share = home / ".kimi"
     work = home / "work"
     for folder in (share / "credentials", work):
         folder.mkdir(parents=True, exist_ok=True)
-    (share / "config.toml").write_text(ECHO_CONFIG)
+    (share / "config.toml").write_text(ECHO_CONFIG.format(default_model="scripted" if scripts else "echo"))
+    (home / "scripts.json").write_text(json.dumps(scripts or []))
     # ACP refuses session/new without a login token file. This dummy one is never sent
     # anywhere: the echo provider needs no network.
     token = {"access_token": "offline-dummy", "refresh_token": "offline-dummy", "expires_at": 4102444800}
     (share / "credentials" / "kimi-code.json").write_text(json.dumps(token))
     env = dict(os.environ)
     env.update(HOME=str(home), KIMI_SHARE_DIR=str(share), KIMI_DISABLE_TELEMETRY="1",
-               KIMI_CLI_NO_AUTO_UPDATE="1", LANG="C.UTF-8")
+               KIMI_CLI_NO_AUTO_UPDATE="1", LANG="C.UTF-8", KIMI_SCRIPTED_ECHO_SCRIPTS=str(home / "scripts.json"))
     python = str(venv_python())
     if protocol == "acp":
         return [python, "-m", "kimi_cli.cli", "acp"], env
