@@ -1694,6 +1694,9 @@ _ACP_OPTION_KINDS = {
     "approve_for_session": ("allow_always", "allow_once"),
     "reject": ("reject_once", "reject_always"),
 }
+_ACP_SESSION_NEWS = frozenset(
+    {"available_commands_update", "current_mode_update", "config_option_update", "session_info_update"}
+)
 _ACP_STOP = {
     "end_turn": "stop",
     "max_turn_requests": "max_steps",
@@ -1846,8 +1849,10 @@ class AcpLlmClient(_AgentLlmClient):
         update = payload.get("update")
         if not isinstance(update, dict):
             return
-        turn.updates += 1
         kind = update.get("sessionUpdate")
+        if kind in _ACP_SESSION_NEWS:
+            return  # about the session, not this turn (it may trail session/new)
+        turn.updates += 1
         if kind in ("agent_message_chunk", "agent_thought_chunk"):
             content = update.get("content")
             chunk = content.get("text") if isinstance(content, dict) else None

@@ -245,6 +245,8 @@ class Peer:
                 self.sessions += 1
                 self.session = f"s-{self.sessions}"
                 self.respond(request_id, {"sessionId": self.session})
+                # Kimi announces its slash commands just after answering session/new
+                emit(self.event("", {"sessionUpdate": "available_commands_update", "availableCommands": []}))
         elif method in ("prompt", "session/prompt"):
             if self.turn is not None:
                 self.fail(request_id, -32000, "An agent turn is already in progress")
