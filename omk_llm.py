@@ -416,9 +416,13 @@ DEFAULT_RATES: Mapping[str, float] = {
 DEFAULT_RATE = 0.005
 
 # A rough split of text into the pieces a BPE vocabulary tends to keep whole: a word with
-# its leading space, up to three digits, a run of punctuation, a run of white space, or
-# one character outside ASCII. Tuned to over-count (it guards budgets): see README.
-_APPROX_PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9\x80-\U0010ffff]+|\s+|[^\x00-\x7f]")
+# its leading space, up to three digits, a run of punctuation, a run of white space, a run
+# of CJK ideographs or kana, a run of Hangul, or one other character outside ASCII. Tuned
+# to over-count (it guards budgets): bench/token_error.py measures it, see README.
+_APPROX_PIECE = re.compile(
+    r" ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9\x80-\U0010ffff]+|\s+"
+    r"|[\u3000-\u9fff\uf900-\ufaff]+|[\uac00-\ud7af]+|[^\x00-\x7f]"
+)
 
 
 def approximate_token_count(text: str) -> int:
@@ -428,7 +432,9 @@ def approximate_token_count(text: str) -> int:
     for piece in _APPROX_PIECE.findall(text):
         last = piece[-1]
         if last >= "\x80":
-            count += 1
+            # cl100k_base spends about 1.15 tokens on an ideograph or kana, 0.9 on Hangul
+            cjk = "\u3000" <= last <= "\u9fff" or "\uf900" <= last <= "\ufaff"
+            count += (len(piece) * 5 + 3) // 4 if cjk else len(piece)
         elif last.isalpha():
             count += (len(piece) + 5) // 6
         elif last.isspace():

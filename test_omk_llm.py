@@ -9,11 +9,9 @@ skip when the peer is not installed, except under CI=true, where that is a failu
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -378,7 +376,11 @@ def test_with_retry_does_not_retry_a_non_retryable_error() -> None:
 def test_with_retry_uses_the_given_retryable_predicate() -> None:
     clock = FakeClock()
     result = with_retry(
-        failing([KeyError("x")]), RetryPolicy(), lambda e: isinstance(e, KeyError), sleep=clock.sleep, clock=clock
+        failing([KeyError("x")]),
+        RetryPolicy(),
+        lambda e: isinstance(e, KeyError),
+        sleep=clock.sleep,
+        clock=clock,
     )
     assert result == "ok"
     assert len(clock.sleeps) == 1
@@ -440,7 +442,9 @@ needs_offline_vocabulary = pytest.mark.skipif(
 )
 
 
-def run_python(code: str, env: Optional[dict] = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_python(
+    code: str, env: Optional[dict] = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -572,7 +576,11 @@ print(json.dumps({"count": count, "exact": estimator.is_exact("text-davinci-001"
 def test_real_tiktoken_with_an_unreachable_download_falls_back(tmp_path: Path) -> None:
     # r50k_base has no bundled copy, so tiktoken tries to download it; a proxy on a closed
     # port makes that fail at once, as it does on a machine without network.
-    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    env = {
+        "TIKTOKEN_CACHE_DIR": str(tmp_path),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
     done = run_python(OFFLINE_COUNT, env)
     result = json.loads(done.stdout)
     assert result["exact"] is False
@@ -739,15 +747,17 @@ def test_wire_messages_parse_into_the_four_kinds() -> None:
         ErrorResponse("p", -32003, "boom", 1)
     )
     assert parse({"method": "event", "params": {"type": "TurnEnd", "payload": {}}}) == Event("TurnEnd", {})
-    assert parse({"method": "request", "id": "r", "params": {"type": "ApprovalRequest", "payload": {"id": "r"}}}) == (
-        Request("r", "ApprovalRequest", {"id": "r"})
-    )
+    assert parse(
+        {"method": "request", "id": "r", "params": {"type": "ApprovalRequest", "payload": {"id": "r"}}}
+    ) == (Request("r", "ApprovalRequest", {"id": "r"}))
 
 
 def test_other_methods_become_events_and_requests_named_by_method() -> None:
     parse = omk_llm.parse_message
     assert parse({"method": "session/update", "params": {"x": 1}}) == Event("session/update", {"x": 1})
-    assert parse({"method": "fs/read_text_file", "id": 0, "params": {}}) == Request(0, "fs/read_text_file", {})
+    assert parse({"method": "fs/read_text_file", "id": 0, "params": {}}) == Request(
+        0, "fs/read_text_file", {}
+    )
 
 
 @pytest.mark.parametrize("obj", [[1, 2], "text", {}, {"jsonrpc": "2.0"}, {"id": "x"}])
@@ -767,7 +777,9 @@ class ReplayWire:
     """A WireClient that plays back the peer's side of a recorded session."""
 
     def __init__(self, fixture: str, prompt_id: str) -> None:
-        records = [json.loads(line) for line in (FIXTURES / "kimi-wire-1.10" / fixture).read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (FIXTURES / "kimi-wire-1.10" / fixture).read_text().splitlines()
+        ]
         messages = [r["msg"] for r in records if r["dir"] == "s2c"]
         end = next(i for i, m in enumerate(messages) if m.get("id") == prompt_id and "method" not in m)
         # the turn starts after the answer to whatever was asked before it
@@ -818,16 +830,21 @@ def test_a_recorded_hook_request_is_answered_so_the_turn_goes_on() -> None:
     wire = ReplayWire("extras.jsonl", "tp")
     response = WireLlmClient(wire, config()).complete("streamed tool call", budget())
     assert response.content == "after streamed tool call"
-    assert wire.responses == [("498a3722c774", {"request_id": "498a3722c774", "action": "allow", "reason": ""})]
+    assert wire.responses == [
+        ("498a3722c774", {"request_id": "498a3722c774", "action": "allow", "reason": ""})
+    ]
 
 
 def test_stdio_wire_refuses_a_command_given_as_one_string() -> None:
-    with pytest.raises(TypeError, match="shlex.split"):
+    with pytest.raises(TypeError, match=r"shlex\.split"):
         StdioWire("kimi --wire")  # type: ignore[arg-type]
 
 
 def test_a_missing_command_is_a_peer_start_error_that_names_it() -> None:
-    with StdioWire(["no-such-agent-omk", "--wire"]) as wire, pytest.raises(PeerStartError, match="no-such-agent-omk"):
+    with (
+        StdioWire(["no-such-agent-omk", "--wire"]) as wire,
+        pytest.raises(PeerStartError, match="no-such-agent-omk"),
+    ):
         wire.start()
 
 
@@ -842,7 +859,10 @@ def test_a_command_that_prints_a_notice_and_exits_says_what_it_printed() -> None
 
 def test_a_silent_peer_is_bounded_by_the_startup_timeout() -> None:
     started = time.monotonic()
-    with fake_wire("--silent", startup_timeout=0.5) as wire, pytest.raises(LlmTimeoutError, match="initialize"):
+    with (
+        fake_wire("--silent", startup_timeout=0.5) as wire,
+        pytest.raises(LlmTimeoutError, match="initialize"),
+    ):
         wire.start()
     assert time.monotonic() - started < 3.0
 
@@ -910,13 +930,19 @@ def test_a_closed_transport_refuses_further_use() -> None:
 def test_text_and_thinking_are_collected_apart(protocol: str) -> None:
     with agent_client(protocol) as client:
         response = client.complete("think: pondering\ntext: Hello\ntext: , world", budget())
-    assert (response.content, response.thinking, response.finish_reason) == ("Hello, world", "pondering", "stop")
+    assert (response.content, response.thinking, response.finish_reason) == (
+        "Hello, world",
+        "pondering",
+        "stop",
+    )
 
 
 def test_reported_usage_gives_the_counts_and_is_recorded_in_the_budget() -> None:
     b = budget()
     with wire_client() as client:
-        response = client.complete('text: hi\nusage: {"input_other": 120, "output": 7, "input_cache_read": 30}', b)
+        response = client.complete(
+            'text: hi\nusage: {"input_other": 120, "output": 7, "input_cache_read": 30}', b
+        )
     assert (response.prompt_tokens, response.completion_tokens, response.total_tokens) == (150, 7, 157)
     assert b.used_tokens == 157
 
@@ -972,7 +998,10 @@ def test_an_empty_or_non_text_prompt_is_refused_before_sending(prompt: Any) -> N
 
 
 def test_a_prompt_over_max_tokens_is_refused_before_sending(protocol: str) -> None:
-    with agent_client(protocol, config=config(max_tokens=5)) as client, pytest.raises(ContextLengthExceededError) as caught:
+    with (
+        agent_client(protocol, config=config(max_tokens=5)) as client,
+        pytest.raises(ContextLengthExceededError) as caught,
+    ):
         client.complete("text: " + "many words " * 20, budget())
     assert caught.value.max_tokens == 5
     assert client.transport.pid is None  # type: ignore[attr-defined]
@@ -985,7 +1014,9 @@ def test_a_prompt_the_budget_cannot_afford_is_refused_before_sending(protocol: s
     assert client.transport.pid is None  # type: ignore[attr-defined]
 
 
-def test_garbage_and_unrelated_lines_are_skipped_without_losing_the_turn(protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_garbage_and_unrelated_lines_are_skipped_without_losing_the_turn(
+    protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="omk_llm"), agent_client(protocol) as client:
         response = client.complete("text: before\ngarbage\ntext: after", budget())
     assert response.content == "beforeafter"
@@ -1074,7 +1105,10 @@ def test_a_timeout_is_retried_by_the_policy(protocol: str) -> None:
 
 
 def test_a_peer_that_dies_mid_turn_is_a_transient_error_with_its_stderr(protocol: str) -> None:
-    with agent_client(protocol, config=config(retry=NO_RETRY)) as client, pytest.raises(TransientNetworkError) as caught:
+    with (
+        agent_client(protocol, config=config(retry=NO_RETRY)) as client,
+        pytest.raises(TransientNetworkError) as caught,
+    ):
         client.complete("stderr: 10\ndie: 3", budget())
     assert "exited with code 3" in str(caught.value)
     assert "the last stderr line" in str(caught.value)
@@ -1180,7 +1214,9 @@ def test_an_unknown_approval_policy_is_refused_at_construction() -> None:
         WireLlmClient(ReplayWire("basic.jsonl", "p1"), approval="yes")  # type: ignore[arg-type]
 
 
-def test_an_approval_decided_after_the_deadline_is_cancelled_and_the_next_prompt_is_clean(protocol: str) -> None:
+def test_an_approval_decided_after_the_deadline_is_cancelled_and_the_next_prompt_is_clean(
+    protocol: str,
+) -> None:
     def slow(request: Request) -> str:
         time.sleep(0.6)
         return "approve"
@@ -1227,10 +1263,15 @@ def test_acp_permission_with_no_matching_option_kind_is_answered_cancelled() -> 
 
     client = AcpLlmClient(fake_acp(), config())
     client.acp = Recorder()  # type: ignore[assignment]
-    only_allow = Request(3, "session/request_permission", {"options": [{"kind": "allow_once", "optionId": "ok"}]})
+    only_allow = Request(
+        3, "session/request_permission", {"options": [{"kind": "allow_once", "optionId": "ok"}]}
+    )
     client._answer_approval(only_allow, "reject")
     client._answer_approval(only_allow, "approve_for_session")
-    assert sent == [{"outcome": {"outcome": "cancelled"}}, {"outcome": {"outcome": "selected", "optionId": "ok"}}]
+    assert sent == [
+        {"outcome": {"outcome": "cancelled"}},
+        {"outcome": {"outcome": "selected", "optionId": "ok"}},
+    ]
     client.close()
 
 
@@ -1242,7 +1283,10 @@ def test_acp_other_agent_requests_get_an_error_and_the_turn_goes_on() -> None:
 
 
 def test_acp_a_turn_with_no_update_at_all_is_a_hidden_provider_error() -> None:
-    with acp_client(config=config(retry=NO_RETRY)) as client, pytest.raises(TransientNetworkError, match="hid"):
+    with (
+        acp_client(config=config(retry=NO_RETRY)) as client,
+        pytest.raises(TransientNetworkError, match="hid"),
+    ):
         client.complete("nothing", budget())
 
 
@@ -1295,6 +1339,7 @@ def test_every_recorded_acp_line_parses(fixture: str) -> None:
 sys.path.insert(0, str(ROOT / "peers"))
 import kimi_echo  # noqa: E402
 
+
 def tool_call(command: str) -> str:
     """An echo-provider script line that makes the agent call its Shell tool."""
     arguments = json.dumps({"command": command})
@@ -1328,7 +1373,11 @@ def real_peer(protocol: str, tmp_path: Path) -> Callable[..., Any]:
 def test_real_peer_gives_text_and_thinking(protocol: str, real_peer: Callable[..., Any]) -> None:
     client = real_peer()
     response = client.complete("think: pondering\ntext: Hello\ntext: , world!", budget())
-    assert (response.content, response.thinking, response.finish_reason) == ("Hello, world!", "pondering", "stop")
+    assert (response.content, response.thinking, response.finish_reason) == (
+        "Hello, world!",
+        "pondering",
+        "stop",
+    )
 
 
 @pytest.mark.real_peer
@@ -1336,12 +1385,16 @@ def test_real_peer_gives_text_and_thinking(protocol: str, real_peer: Callable[..
 def test_real_wire_peer_reports_usage(real_peer: Callable[..., Any]) -> None:
     client = real_peer()
     b = budget()
-    response = client.complete('text: hi\nusage: {"input_other": 120, "output": 7, "input_cache_read": 30}', b)
+    response = client.complete(
+        'text: hi\nusage: {"input_other": 120, "output": 7, "input_cache_read": 30}', b
+    )
     assert (response.prompt_tokens, response.completion_tokens) == (150, 7)
     assert b.used_tokens == 157
 
 
-test_real_wire_peer_reports_usage = pytest.mark.parametrize("protocol", ["wire"])(test_real_wire_peer_reports_usage)
+test_real_wire_peer_reports_usage = pytest.mark.parametrize("protocol", ["wire"])(
+    test_real_wire_peer_reports_usage
+)
 
 
 @pytest.mark.real_peer
@@ -1366,7 +1419,9 @@ def test_real_peer_tool_calls_are_rejected_by_default(
 
 @pytest.mark.real_peer
 @pytest.mark.timeout(120)
-def test_real_peer_tool_calls_run_when_approved(protocol: str, real_peer: Callable[..., Any], tmp_path: Path) -> None:
+def test_real_peer_tool_calls_run_when_approved(
+    protocol: str, real_peer: Callable[..., Any], tmp_path: Path
+) -> None:
     marker = tmp_path / "ran"
     seen: List[str] = []
 
@@ -1405,7 +1460,9 @@ def test_real_peer_timeout_with_a_pending_permission_then_a_clean_prompt(
 
 @pytest.mark.real_peer
 @pytest.mark.timeout(120)
-def test_real_peer_provider_error_is_an_error_not_an_empty_answer(protocol: str, real_peer: Callable[..., Any]) -> None:
+def test_real_peer_provider_error_is_an_error_not_an_empty_answer(
+    protocol: str, real_peer: Callable[..., Any]
+) -> None:
     client = real_peer(config=config(timeout=30, retry=NO_RETRY))
     with pytest.raises(TransientNetworkError) as caught:
         client.complete("error: 400", budget())
@@ -1448,5 +1505,109 @@ def ask_three_questions(client: omk_llm.LlmClient) -> List[Any]:
 
 @pytest.mark.real_peer
 @pytest.mark.timeout(120)
-def test_the_same_program_behaves_the_same_over_either_protocol(protocol: str, real_peer: Callable[..., Any]) -> None:
+def test_the_same_program_behaves_the_same_over_either_protocol(
+    protocol: str, real_peer: Callable[..., Any]
+) -> None:
     assert ask_three_questions(real_peer()) == ["alpha", "stop", "beta", "refused empty prompt", True]
+
+
+# ======================================================================================
+# Command line
+# ======================================================================================
+
+
+def run_cli(
+    *args: str, stdin: str = "", entry: str = "omk_llm.py", env: Optional[dict] = None
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, entry] if entry.endswith(".py") else [sys.executable, "-m", entry]
+    return subprocess.run(
+        [*command, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+FAKE_COMMAND = f"{sys.executable} {FAKE_PEER}"
+
+
+def test_cli_streams_the_answer_and_reports_usage_on_stderr() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "text: Hello\ntext: , world")
+    assert (done.returncode, done.stdout) == (0, "Hello, world\n")
+    assert "prompt +" in done.stderr and "finish: stop" in done.stderr
+
+
+def test_cli_runs_as_a_module_too() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "text: as a module", entry="omk_llm")
+    assert (done.returncode, done.stdout) == (0, "as a module\n")
+
+
+def test_cli_takes_the_command_from_the_environment() -> None:
+    done = run_cli("text: from env", env={"OMK_LLM_COMMAND": FAKE_COMMAND})
+    assert (done.returncode, done.stdout) == (0, "from env\n")
+
+
+def test_cli_reads_a_prompt_of_dash_from_stdin() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "-", stdin="text: piped in\n")
+    assert (done.returncode, done.stdout) == (0, "piped in\n")
+
+
+def test_cli_json_prints_the_whole_response() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "--json", "think: hm\ntext: as json")
+    response = json.loads(done.stdout)
+    assert (response["content"], response["thinking"], response["finish_reason"]) == ("as json", "hm", "stop")
+
+
+def test_cli_speaks_acp() -> None:
+    done = run_cli("--acp", "--command", f"{FAKE_COMMAND} --acp", "text: over ACP")
+    assert (done.returncode, done.stdout) == (0, "over ACP\n")
+
+
+def test_cli_approval_option_answers_permission_requests() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "--approval", "approve", "request: ApprovalRequest")
+    assert '"response": "approve"' in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["--command", FAKE_COMMAND, ""], 2, "prompt is empty"),
+        (["--command", FAKE_COMMAND, "--budget", "1", "text: too dear"], 3, "budget"),
+        (["--command", FAKE_COMMAND, "--max-tokens", "2", "text: far too long a prompt"], 3, "max_tokens"),
+        (["--command", FAKE_COMMAND, "--timeout", "0.5", "--retries", "0", "stall"], 4, "no complete answer"),
+        (["--command", "no-such-agent-omk --wire", "text: x"], 5, "no-such-agent-omk"),
+        (["--acp", "--command", f"{FAKE_COMMAND} --acp --auth-required", "text: x"], 6, "login"),
+        (["--command", FAKE_COMMAND, "--retries", "0", "error: -32001 LLM not set"], 1, "LLM not set"),
+        (["--command", FAKE_COMMAND, "--timeout", "-1", "text: x"], 2, "timeout"),
+    ],
+)
+def test_cli_exit_codes_tell_failures_apart(args: List[str], code: int, says: str) -> None:
+    done = run_cli(*args)
+    assert done.returncode == code, done.stderr
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_without_a_prompt_is_a_usage_error() -> None:
+    done = run_cli()
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_the_readme_main_job_runs_a_prompt_through_the_real_kimi_cli(protocol: str) -> None:
+    if not kimi_echo.venv_python().exists() and not os.environ.get("CI"):
+        pytest.skip("the real Kimi CLI is not installed: run python3 peers/kimi_echo.py --setup")
+    options = ["--acp"] if protocol == "acp" else []
+    done = subprocess.run(
+        [sys.executable, "peers/kimi_echo.py", *options, "text: Hello from a real Kimi CLI"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=ROOT,
+    )
+    assert (done.returncode, done.stdout) == (0, "Hello from a real Kimi CLI\n"), done.stderr

@@ -57,7 +57,7 @@ class Peer:
         self.opts = opts
         self.turn: Optional[threading.Thread] = None
         self.cancelled = threading.Event()
-        self.answers: "queue.Queue[Any]" = queue.Queue()
+        self.answers: queue.Queue[Any] = queue.Queue()
         self.prompts = 0
         self.request_ids = iter(range(10**9))
         self.sessions = 0
@@ -67,17 +67,25 @@ class Peer:
 
     def event(self, kind: str, payload: Any) -> dict:
         if self.acp:
-            return {"jsonrpc": "2.0", "method": "session/update", "params": {"sessionId": self.session, "update": payload}}
+            return {
+                "jsonrpc": "2.0",
+                "method": "session/update",
+                "params": {"sessionId": self.session, "update": payload},
+            }
         return {"jsonrpc": "2.0", "method": "event", "params": {"type": kind, "payload": payload}}
 
     def text_event(self, text: str) -> dict:
         if self.acp:
-            return self.event("", {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}})
+            return self.event(
+                "", {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}}
+            )
         return self.event("ContentPart", {"type": "text", "text": text})
 
     def think_event(self, text: str) -> dict:
         if self.acp:
-            return self.event("", {"sessionUpdate": "agent_thought_chunk", "content": {"type": "text", "text": text}})
+            return self.event(
+                "", {"sessionUpdate": "agent_thought_chunk", "content": {"type": "text", "text": text}}
+            )
         return self.event("ContentPart", {"type": "think", "think": text})
 
     def request(self, kind: str) -> Any:
@@ -86,17 +94,42 @@ class Peer:
             if kind == "permission":
                 options = [
                     {"kind": "allow_once", "name": "Approve once", "optionId": "approve"},
-                    {"kind": "allow_always", "name": "Approve for this session", "optionId": "approve_for_session"},
+                    {
+                        "kind": "allow_always",
+                        "name": "Approve for this session",
+                        "optionId": "approve_for_session",
+                    },
                     {"kind": "reject_once", "name": "Reject", "optionId": "reject"},
                 ]
                 params = {"sessionId": self.session, "options": options, "toolCall": {"toolCallId": "tc-1"}}
-                emit({"jsonrpc": "2.0", "id": request_id, "method": "session/request_permission", "params": params})
+                emit(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": request_id,
+                        "method": "session/request_permission",
+                        "params": params,
+                    }
+                )
             else:
-                emit({"jsonrpc": "2.0", "id": request_id, "method": kind, "params": {"sessionId": self.session}})
+                emit(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": request_id,
+                        "method": kind,
+                        "params": {"sessionId": self.session},
+                    }
+                )
         else:
             request_id = str(uuid.uuid4())
             payload = {"id": request_id, "tool_call_id": "tc-1", "sender": "Shell", "action": "run command"}
-            emit({"jsonrpc": "2.0", "method": "request", "id": request_id, "params": {"type": kind, "payload": payload}})
+            emit(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "request",
+                    "id": request_id,
+                    "params": {"type": kind, "payload": payload},
+                }
+            )
         return request_id
 
     def respond(self, request_id: Any, result: Any) -> None:
@@ -124,7 +157,7 @@ class Peer:
         self.prompts += 1
         self.turn = None  # before the answer: the client may send its next prompt at once
         if status.startswith("error: "):
-            code, _, message = status[len("error: "):].partition(" ")
+            code, _, message = status[len("error: ") :].partition(" ")
             self.fail(request_id, int(code), message)
         else:
             self.end(request_id, status)
@@ -168,15 +201,22 @@ class Peer:
             elif command == "die":
                 os._exit(int(arg or 1))
             elif command == "garbage":
-                for junk in (b"not json at all", b"{}", b"[1, 2]", b"   ", b'{"jsonrpc": "2.0", "id": "zzz", "result": {}}',
-                             b'{"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "Invalid JSON"}}',
-                             b'{"jsonrpc": "2.0", "method": "event", "params": {"type": "Mystery", "payload": {}}}',
-                             b'{"jsonrpc": "2.0", "method": "session/update", "params": {"sessionId": "other", "update": {}}}'):
+                for junk in (
+                    b"not json at all",
+                    b"{}",
+                    b"[1, 2]",
+                    b"   ",
+                    b'{"jsonrpc": "2.0", "id": "zzz", "result": {}}',
+                    b'{"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "Invalid JSON"}}',
+                    b'{"jsonrpc": "2.0", "method": "event", "params": {"type": "Mystery", "payload": {}}}',
+                    b'{"jsonrpc": "2.0", "method": "session/update", '
+                    b'"params": {"sessionId": "other", "update": {}}}',
+                ):
                     write_raw(junk + b"\n")
             elif command == "split":
                 data = json.dumps(self.text_event(arg), ensure_ascii=False).encode() + b"\n"
                 for start in range(0, len(data), 3):
-                    write_raw(data[start:start + 3])
+                    write_raw(data[start : start + 3])
                     time.sleep(0.001)
             elif command == "longline":
                 size = int(arg)
@@ -234,10 +274,18 @@ class Peer:
             if self.opts.old:
                 self.fail(request_id, -32601, "Unexpected method received: initialize")
             elif self.acp:
-                self.respond(request_id, {"protocolVersion": 1, "agentInfo": {"name": "fake", "version": "0"},
-                                          "authMethods": [{"id": "login", "name": "Login", "description": "run fake login"}]})
+                self.respond(
+                    request_id,
+                    {
+                        "protocolVersion": 1,
+                        "agentInfo": {"name": "fake", "version": "0"},
+                        "authMethods": [{"id": "login", "name": "Login", "description": "run fake login"}],
+                    },
+                )
             else:
-                self.respond(request_id, {"protocol_version": "1.10", "server": {"name": "fake", "version": "0"}})
+                self.respond(
+                    request_id, {"protocol_version": "1.10", "server": {"name": "fake", "version": "0"}}
+                )
         elif method == "session/new":
             if self.opts.auth_required:
                 self.fail(request_id, -32000, "Authentication required")
@@ -253,8 +301,17 @@ class Peer:
                 return
             if self.acp:
                 if self.session is None or params.get("sessionId") != self.session:
-                    emit({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": "Invalid params",
-                                                                           "data": {"session_id": "Session not found"}}})
+                    emit(
+                        {
+                            "jsonrpc": "2.0",
+                            "id": request_id,
+                            "error": {
+                                "code": -32602,
+                                "message": "Invalid params",
+                                "data": {"session_id": "Session not found"},
+                            },
+                        }
+                    )
                     return
                 script = params["prompt"][0]["text"]
             else:

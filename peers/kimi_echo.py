@@ -58,7 +58,10 @@ def _version(python: str) -> Optional[Tuple[int, int, int]]:
     try:
         out = subprocess.run(
             [python, "-c", "import sys; print(*sys.version_info[:3])"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -79,11 +82,16 @@ def find_python() -> str:
     pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     if shutil.which("pyenv"):
         try:
-            pyenv_root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True).stdout.strip()
+            pyenv_root = subprocess.run(
+                ["pyenv", "root"], capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
     found = glob.glob(os.path.join(pyenv_root, "versions", "3.*", "bin", "python"))
-    found.sort(key=lambda p: [int(x) for x in re.findall(r"\d+", p.split("/versions/")[1].split("/")[0])[:3]], reverse=True)
+    found.sort(
+        key=lambda p: [int(x) for x in re.findall(r"\d+", p.split("/versions/")[1].split("/")[0])[:3]],
+        reverse=True,
+    )
     candidates += found
     candidates += [p for p in (shutil.which(name) for name in ("python3.13", "python3.12", "python3")) if p]
     for python in candidates:
@@ -104,11 +112,17 @@ def ensure_installed(quiet: bool = False) -> Path:
         return python
     base = find_python()
     if not quiet:
-        print(f"kimi_echo: installing {KIMI_CLI} into {PEER_DIR / 'venv'} (once; about a minute)", file=sys.stderr)
+        print(
+            f"kimi_echo: installing {KIMI_CLI} into {PEER_DIR / 'venv'} (once; about a minute)",
+            file=sys.stderr,
+        )
     shutil.rmtree(PEER_DIR / "venv", ignore_errors=True)
     subprocess.run([base, "-m", "venv", str(PEER_DIR / "venv")], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", KIMI_CLI],
-                   check=True, stdout=subprocess.DEVNULL if quiet else None)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", KIMI_CLI],
+        check=True,
+        stdout=subprocess.DEVNULL if quiet else None,
+    )
     marker.write_text(KIMI_CLI)
     return python
 
@@ -133,13 +147,27 @@ def peer_command(
     token = {"access_token": "offline-dummy", "refresh_token": "offline-dummy", "expires_at": 4102444800}
     (share / "credentials" / "kimi-code.json").write_text(json.dumps(token))
     env = dict(os.environ)
-    env.update(HOME=str(home), KIMI_SHARE_DIR=str(share), KIMI_DISABLE_TELEMETRY="1",
-               KIMI_CLI_NO_AUTO_UPDATE="1", LANG="C.UTF-8", KIMI_SCRIPTED_ECHO_SCRIPTS=str(home / "scripts.json"))
+    env.update(
+        HOME=str(home),
+        KIMI_SHARE_DIR=str(share),
+        KIMI_DISABLE_TELEMETRY="1",
+        KIMI_CLI_NO_AUTO_UPDATE="1",
+        LANG="C.UTF-8",
+        KIMI_SCRIPTED_ECHO_SCRIPTS=str(home / "scripts.json"),
+    )
     python = str(venv_python())
     if protocol == "acp":
         return [python, "-m", "kimi_cli.cli", "acp"], env
-    return [python, "-m", "kimi_cli.cli", "--wire", "--config-file", str(share / "config.toml"),
-            "--work-dir", str(work)], env
+    return [
+        python,
+        "-m",
+        "kimi_cli.cli",
+        "--wire",
+        "--config-file",
+        str(share / "config.toml"),
+        "--work-dir",
+        str(work),
+    ], env
 
 
 def main(argv: Optional[List[str]] = None) -> int:
