@@ -51,6 +51,7 @@ from typing import (
     Tuple,
     TypeVar,
     Union,
+    cast,
 )
 
 __version__ = "0.1.0"
@@ -173,6 +174,8 @@ class LlmClientConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlmUsage:
+    """Token counts of one response and their estimated price in USD."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -419,17 +422,21 @@ DEFAULT_RATE = 0.005
 # its leading space, up to three digits, a run of punctuation, a run of white space, a run
 # of CJK ideographs or kana, a run of Hangul, or one other character outside ASCII. Tuned
 # to over-count (it guards budgets): bench/token_error.py measures it, see README.
-_APPROX_PIECE = re.compile(
+_APPROX_PATTERN = (
     r" ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9\x80-\U0010ffff]+|\s+"
     r"|[\u3000-\u9fff\uf900-\ufaff]+|[\uac00-\ud7af]+|[^\x00-\x7f]"
 )
+_approx_piece: Optional[re.Pattern[str]] = None  # compiled on first use: ~5 ms of import time
 
 
 def approximate_token_count(text: str) -> int:
     """A tokenizer-free count that errs on the high side (used when tiktoken is absent or
     its vocabulary cannot be loaded)."""
+    global _approx_piece
+    if _approx_piece is None:
+        _approx_piece = re.compile(_APPROX_PATTERN)
     count = 0
-    for piece in _APPROX_PIECE.findall(text):
+    for piece in _approx_piece.findall(text):
         last = piece[-1]
         if last >= "\x80":
             # cl100k_base spends about 1.15 tokens on an ideograph or kana, 0.9 on Hangul
@@ -531,6 +538,7 @@ class CostEstimator:
             self.set_rate(model, rate)
         self._load_encoding = load_encoding
         self._load_timeout = load_timeout
+        self._slots: Dict[str, _EncodingSlot] = {}  # by model name
 
     # -- prices --
 
@@ -585,6 +593,9 @@ class CostEstimator:
         return self._encoder(model) is not None
 
     def _encoder(self, model: str) -> Optional[_Encoder]:
+        slot = self._slots.get(model)
+        if slot is not None and slot.encoder is not None:
+            return slot.encoder  # the hot path: no lock, no model-table lookup
         name = self.encoding_name(model)
         key = (self._load_encoding, name)
         with _ENCODINGS_LOCK:
@@ -593,6 +604,7 @@ class CostEstimator:
                 slot = _ENCODINGS[key] = _EncodingSlot(self._load_encoding, name)
             first_wait = not slot.waited
             slot.waited = True
+            self._slots[model] = slot
         # Only the first caller waits for the load; later callers use the fallback until
         # the background load finishes, so a hung download costs one bounded wait.
         if first_wait:
@@ -788,9 +800,10 @@ class _ChildProcess:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._stdout, selectors.EVENT_READ)
         self._selector.register(self._stderr, selectors.EVENT_READ)
-        self._lines: Deque[bytes] = collections.deque()
+        self.lines: Deque[bytes] = collections.deque()  # complete lines not yet handed on
         self._partial = bytearray()
         self._outbox = bytearray()
+        self._waiting_to_write = False  # stdin is registered with the selector
         self._stderr_partial = bytearray()
         self._stderr_tail: Deque[str] = collections.deque(maxlen=_STDERR_KEEP_LINES)
         self._eof = False
@@ -816,19 +829,19 @@ class _ChildProcess:
     def read_line(self, deadline: float) -> Optional[bytes]:
         """The next complete line, or None when ``deadline`` (monotonic) passes first.
         Raises TransientNetworkError once the child has ended and every line is read."""
-        while not self._lines:
+        while not self.lines:
             if self._eof:
                 raise self.ended_error()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             self._pump(min(remaining, _POLL_SLICE))
-        return self._lines.popleft()
+        return self.lines.popleft()
 
     def drain_lines(self) -> List[bytes]:
         """Every complete line already read (for start-up error messages)."""
-        lines = list(self._lines)
-        self._lines.clear()
+        lines = list(self.lines)
+        self.lines.clear()
         return lines
 
     def _pump(self, timeout: float) -> None:
@@ -900,7 +913,7 @@ class _ChildProcess:
         rest = parts.pop()
         if len(chunk) > self._max_line and any(len(part) > self._max_line for part in parts):
             raise _LineTooLong(max(parts, key=len)[:200])
-        self._lines.extend(parts)
+        self.lines.extend(parts)
         if len(rest) > self._max_line:
             raise _LineTooLong(rest[:200])
         self._partial += rest
@@ -920,19 +933,22 @@ class _ChildProcess:
 
     # -- writing --
 
-    def write(self, data: bytes, deadline: float) -> None:
+    def write(self, data: bytes, timeout: float) -> None:
         """Send ``data``, reading meanwhile so that a child busy writing cannot deadlock us.
         A dead child is TransientNetworkError, a child that will not read is a timeout."""
         if self.closed:
             raise TransientNetworkError("the agent process was already closed")
         self._outbox += data
         self._flush_outbox()
+        deadline = time.monotonic() + timeout
         while self._outbox:
             if self._eof or self._proc.poll() is not None:
                 raise self.ended_error()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LlmTimeoutError(remaining, "the agent stopped reading its input; it may be stuck")
+                raise LlmTimeoutError(
+                    timeout, f"the agent read none of our input for {timeout:g} s; it may be stuck"
+                )
             self._pump(min(remaining, _POLL_SLICE))
 
     def _flush_outbox(self) -> None:
@@ -946,11 +962,12 @@ class _ChildProcess:
                 self._eof = True
                 raise self.ended_error() from err
             del self._outbox[:written]
-        if self._outbox:
-            if self._stdin not in self._selector.get_map():
-                self._selector.register(self._stdin, selectors.EVENT_WRITE)
-        elif self._stdin in self._selector.get_map():
+        if self._outbox and not self._waiting_to_write:
+            self._selector.register(self._stdin, selectors.EVENT_WRITE)
+            self._waiting_to_write = True
+        elif not self._outbox and self._waiting_to_write:
             self._selector.unregister(self._stdin)
+            self._waiting_to_write = False
 
     # -- the end --
 
@@ -993,12 +1010,16 @@ def _quote_stderr(lines: Sequence[str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SuccessResponse:
+    """The peer's answer to one of our requests."""
+
     id: Any
     result: Any
 
 
 @dataclasses.dataclass(frozen=True)
 class ErrorResponse:
+    """The peer's JSON-RPC error for one of our requests."""
+
     id: Any
     code: int
     message: str
@@ -1029,20 +1050,21 @@ WireMessage = Union[SuccessResponse, ErrorResponse, Event, Request]
 
 def parse_message(obj: Any) -> Optional[WireMessage]:
     """One decoded JSON-RPC object as a message, or None when it is none of the four."""
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return None
     method = obj.get("method")
-    params = obj.get("params")
-    if isinstance(method, str):
-        wrapped = method in ("event", "request") and isinstance(params, dict)
-        kind = params.get("type") if wrapped and isinstance(params, dict) else None
-        if wrapped and isinstance(kind, str) and isinstance(params, dict):
-            payload = params.get("payload")
-        else:
-            kind, payload = method, params
-        if "id" in obj and obj["id"] is not None:
-            return Request(obj["id"], kind, payload)
-        return Event(kind, payload)
+    if method is not None:
+        if type(method) is not str:
+            return None
+        params = obj.get("params")
+        kind: Any = method
+        payload = params
+        if (method == "event" or method == "request") and type(params) is dict:
+            wrapped_kind = params.get("type")
+            if type(wrapped_kind) is str:
+                kind, payload = wrapped_kind, params.get("payload")
+        request_id = obj.get("id")
+        return Event(kind, payload) if request_id is None else Request(request_id, kind, payload)
     if "id" not in obj:
         return None
     if "error" in obj:
@@ -1061,8 +1083,11 @@ def parse_message(obj: Any) -> Optional[WireMessage]:
     return None
 
 
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one a call
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    return _json_encoder.encode(obj).encode("utf-8") + b"\n"
 
 
 class _JsonRpcStdio:
@@ -1152,8 +1177,26 @@ class _JsonRpcStdio:
         logger.debug("agent process %d ready: %s", child.pid, shlex.join(self.argv))
         return child
 
-    def _handshake(self, child: _ChildProcess, deadline: float) -> Any:
+    initialize_optional = False  # whether a peer that does not know initialize is fine
+
+    def _initialize_params(self) -> Dict[str, Any]:
         raise NotImplementedError
+
+    def _handshake(self, child: _ChildProcess, deadline: float) -> Any:
+        """Send initialize and wait for its answer: the peer's only "ready" signal."""
+        request_id = self.next_id()
+        initialize = {"jsonrpc": "2.0", "id": request_id, "method": "initialize"}
+        child.write(_dumps({**initialize, "params": self._initialize_params()}), self.write_timeout)
+        answer = self._await_response(child, request_id, deadline, "initialize")
+        if isinstance(answer, ErrorResponse):
+            if answer.code == -32601 and self.initialize_optional:
+                logger.info("the agent predates initialize; carrying on without it")
+                return None
+            raise PeerStartError(
+                f"the agent command {shlex.join(self.argv)!r} refused initialize: "
+                f"{answer.code} {answer.message}"
+            )
+        return answer.result if isinstance(answer, SuccessResponse) else None
 
     # -- messages --
 
@@ -1163,7 +1206,7 @@ class _JsonRpcStdio:
     def send(self, obj: Mapping[str, Any]) -> None:
         child = self._live_child()
         try:
-            child.write(_dumps(obj), time.monotonic() + self.write_timeout)
+            child.write(_dumps(obj), self.write_timeout)
         except TransientNetworkError:
             self.reset()
             raise
@@ -1188,6 +1231,11 @@ class _JsonRpcStdio:
         child = self._child
         if child is None:
             raise TransientNetworkError("no agent process is running; send a prompt first")
+        lines = child.lines
+        while lines:  # the common case: a line already read, no clock, no system call
+            message = _decode_line(lines.popleft())
+            if message is not None:
+                return message
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -1236,7 +1284,9 @@ class _JsonRpcStdio:
                 return message
             if isinstance(message, Request):
                 refusal = {"code": -32601, "message": "omk_llm is not ready for requests yet"}
-                child.write(_dumps({"jsonrpc": "2.0", "id": message.id, "error": refusal}), deadline)
+                child.write(
+                    _dumps({"jsonrpc": "2.0", "id": message.id, "error": refusal}), self.write_timeout
+                )
 
     def _start_error(self, child: _ChildProcess, stray: List[bytes], what: str) -> PeerStartError:
         printed = [line.decode("utf-8", "replace") for line in (stray + child.drain_lines())[:5]]
@@ -1254,13 +1304,25 @@ class _JsonRpcStdio:
         return PeerStartError(message)
 
 
+# The C scanner behind json.loads, called directly: one call a line on the hot path.
+_scan_json = cast(Callable[[str, int], Tuple[Any, int]], vars(json.JSONDecoder())["scan_once"])
+
+
 def _decode_line(line: bytes) -> Optional[WireMessage]:
     try:
-        obj = json.loads(line)
-    except ValueError:
+        text = line.decode("utf-8")
+        obj, end = _scan_json(text, 0)
+        if end != len(text) and not text[end:].isspace():
+            raise ValueError("extra data")
+    except (ValueError, StopIteration):
         if line.strip():
-            logger.warning("skipping a line from the agent that is not JSON: %r", line[:200])
-        return None
+            try:  # leading white space is still JSON
+                obj = json.loads(line)
+            except ValueError:
+                logger.warning("skipping a line from the agent that is not JSON: %r", line[:200])
+                return None
+        else:
+            return None
     message = parse_message(obj)
     if message is None:
         logger.warning("skipping a line from the agent that is not JSON-RPC: %r", line[:200])
@@ -1419,10 +1481,10 @@ class _AgentLlmClient:
                     if remaining <= 0:
                         raise LlmTimeoutError(timeout)
                     message = self.transport.read_message(remaining)
-                    if isinstance(message, Request):
-                        self._answer(message, turn, deadline)
-                    elif isinstance(message, Event):
+                    if isinstance(message, Event):
                         self._on_event(message, turn)
+                    elif isinstance(message, Request):
+                        self._answer(message, turn, deadline)
                     elif message.id == turn.prompt_id:
                         settled = True
                         return self._finish(message, turn, prompt_tokens)
@@ -1557,6 +1619,7 @@ class StdioWire(_JsonRpcStdio):
     died. A context manager; ``close()`` ends the child's whole process group."""
 
     protocol = "wire"
+    initialize_optional = True  # a peer older than protocol 1.10 answers -32601
 
     def __init__(
         self,
@@ -1577,26 +1640,12 @@ class StdioWire(_JsonRpcStdio):
             max_line_bytes=max_line_bytes,
         )
 
-    def _handshake(self, child: _ChildProcess, deadline: float) -> Any:
-        request_id = self.next_id()
-        params = {
+    def _initialize_params(self) -> Dict[str, Any]:
+        return {
             "protocol_version": WIRE_PROTOCOL_VERSION,
             "client": {"name": "omk_llm", "version": __version__},
             "capabilities": {"supports_question": False},
         }
-        child.write(
-            _dumps({"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": params}), deadline
-        )
-        answer = self._await_response(child, request_id, deadline, "initialize")
-        if isinstance(answer, ErrorResponse):
-            if answer.code == -32601:
-                logger.info("the agent predates initialize; carrying on without it")
-                return None
-            raise PeerStartError(
-                f"the agent command {shlex.join(self.argv)!r} refused initialize: "
-                f"{answer.code} {answer.message}"
-            )
-        return answer.result if isinstance(answer, SuccessResponse) else None
 
     def start_prompt(self, text: str) -> Any:
         return self.send_request("prompt", {"user_input": text})
@@ -1765,23 +1814,12 @@ class AcpStdio(_JsonRpcStdio):
     def next_id(self) -> int:
         return next(self._ids)
 
-    def _handshake(self, child: _ChildProcess, deadline: float) -> Any:
-        request_id = self.next_id()
-        params = {
+    def _initialize_params(self) -> Dict[str, Any]:
+        return {
             "protocolVersion": ACP_PROTOCOL_VERSION,
             "clientCapabilities": {"fs": {"readTextFile": False, "writeTextFile": False}, "terminal": False},
             "clientInfo": {"name": "omk_llm", "title": "omk_llm", "version": __version__},
         }
-        child.write(
-            _dumps({"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": params}), deadline
-        )
-        answer = self._await_response(child, request_id, deadline, "initialize")
-        if isinstance(answer, ErrorResponse):
-            raise PeerStartError(
-                f"the agent command {shlex.join(self.argv)!r} refused initialize: "
-                f"{answer.code} {answer.message}"
-            )
-        return answer.result if isinstance(answer, SuccessResponse) else None
 
     def ensure_session(self) -> str:
         """The session prompts go to, created now if this child has none."""

@@ -287,7 +287,7 @@ client.complete("text: warm up", omk_llm.TokenBudget(10**12))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 response = client.complete("events: {events} {size}", omk_llm.TokenBudget(10**12))
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-assert len(response.content) == {events} * {size}
+assert len(response.content) == {events} * {size}, len(response.content)
 client.close()
 print(after - before)
 """

@@ -8,7 +8,7 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     usage: {...}     a wire token_usage      sleep: S       wait S seconds (cancel ends it)
     stall            wait until cancelled    deaf           ignore everything, forever
     flood            text until cancelled    flood-deaf     text forever, cancel or not
-    events: N SIZE   N text chunks of SIZE bytes in one write
+    events: N SIZE   N text chunks of SIZE bytes (words, then a newline), written fast
     die: CODE        exit at once            garbage        junk and unrelated lines
     split: X         a text chunk written a few bytes at a time
     longline: N      one line of N bytes     stderr: N      N bytes on stderr
@@ -194,7 +194,8 @@ class Peer:
                     emit(self.text_event("x" * 100))
             elif command == "events":
                 count, size = (int(word) for word in arg.split())
-                line_bytes = json.dumps(self.text_event("x" * size)).encode() + b"\n"
+                words = ("lorem ipsum dolor sit amet, consectetur adipiscing elit " * (size // 50 + 1))[: size - 1]
+                line_bytes = json.dumps(self.text_event(words + "\n")).encode() + b"\n"
                 batch = 4096
                 for start in range(0, count, batch):
                     write_raw(line_bytes * min(batch, count - start))
