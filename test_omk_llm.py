@@ -226,6 +226,10 @@ def test_retry_delay_doubles_up_to_the_maximum_with_jitter_below_one() -> None:
     assert policy.delay(1, 0.999) == pytest.approx(0.5005)
 
 
+def test_retry_delay_stays_at_the_maximum_after_thousands_of_retries() -> None:
+    assert RetryPolicy(max_delay=10.0, jitter=0.0).delay(5000, 0.0) == 10.0
+
+
 def test_config_defaults_match_the_spec() -> None:
     cfg = LlmClientConfig()
     assert (cfg.model, cfg.max_tokens, cfg.temperature, cfg.timeout) == ("gpt-4o", 4096, 0.2, 60.0)

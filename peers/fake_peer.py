@@ -194,7 +194,8 @@ class Peer:
                     emit(self.text_event("x" * 100))
             elif command == "events":
                 count, size = (int(word) for word in arg.split())
-                words = ("lorem ipsum dolor sit amet, consectetur adipiscing elit " * (size // 50 + 1))[: size - 1]
+                lorem = "lorem ipsum dolor sit amet, consectetur adipiscing elit "
+                words = (lorem * (size // len(lorem) + 1))[: size - 1]
                 line_bytes = json.dumps(self.text_event(words + "\n")).encode() + b"\n"
                 batch = 4096
                 for start in range(0, count, batch):
