@@ -582,6 +582,8 @@ class CostEstimator:
 
     def count_tokens(self, text: str, model: str) -> int:
         encoder = self._encoder(model)
+        if len(text) <= _PIECE_CHARS:  # the common case, without the generator
+            return approximate_token_count(text) if encoder is None else len(encoder.encode_ordinary(text))
         if encoder is None:
             return sum(approximate_token_count(piece) for piece in _pieces(text))
         # encode_ordinary counts special-token text such as <|endoftext|> as plain text
@@ -941,6 +943,8 @@ class _ChildProcess:
             raise TransientNetworkError("the agent process was already closed")
         self._outbox += data
         self._flush_outbox()
+        if not self._outbox:
+            return  # the common case: the pipe took it all
         deadline = time.monotonic() + timeout
         while self._outbox:
             if self._eof or self._proc.poll() is not None:
