@@ -729,32 +729,33 @@ class _LineTooLong(Exception):
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """Close the child's input, give it ``grace`` seconds, then end its whole process
-    group (grandchildren included) and reap it."""
-    for stream in (proc.stdin,):
+    """Close the child's input, give it ``grace`` seconds to exit (then SIGTERM and one
+    more second), then SIGKILL its whole process group (grandchildren included) and reap
+    it. With no grace it goes straight to SIGKILL."""
+    _close_quietly(proc.stdin)
+    if grace > 0:
         try:
-            if stream is not None:
-                stream.close()
-        except OSError:
-            pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=1.0)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            pass
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
     # Grandchildren may outlive a leader that exited on its own; the group id stays the
     # leader's pid, so this reaches them too.
     _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        try:
-            if stream is not None:
-                stream.close()
-        except OSError:
-            pass
+    _close_quietly(proc.stdout)
+    _close_quietly(proc.stderr)
+
+
+def _close_quietly(stream: Optional[Any]) -> None:
+    try:
+        if stream is not None:
+            stream.close()
+    except OSError:
+        pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:
