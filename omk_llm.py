@@ -1327,14 +1327,20 @@ def _decode_line(line: bytes) -> Optional[WireMessage]:
             try:  # leading white space is still JSON
                 obj = json.loads(line)
             except ValueError:
-                logger.warning("skipping a line from the agent that is not JSON: %r", line[:200])
+                _skip(line, "JSON")
                 return None
         else:
             return None
     message = parse_message(obj)
     if message is None:
-        logger.warning("skipping a line from the agent that is not JSON-RPC: %r", line[:200])
+        _skip(line, "JSON-RPC")
     return message
+
+
+def _skip(line: bytes, what: str) -> None:
+    # The line may quote a prompt: its text goes to DEBUG only.
+    logger.warning("skipping a %d-byte line from the agent that is not %s", len(line), what)
+    logger.debug("the skipped line: %r", line[:200])
 
 
 # ======================================================================================

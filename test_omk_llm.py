@@ -856,6 +856,26 @@ def test_a_recorded_hook_request_is_answered_so_the_turn_goes_on() -> None:
     ]
 
 
+VENDORED = """
+import omk_llm
+print(omk_llm.CostEstimator().count_tokens("hello there", "kimi-k2") > 0)
+print(omk_llm.MockLlmClient(["ok"]).complete("p", omk_llm.TokenBudget(10)).content)
+"""
+
+
+def test_a_vendored_copy_works_alone_without_tiktoken(tmp_path: Path) -> None:
+    (tmp_path / "omk_llm.py").write_bytes((ROOT / "omk_llm.py").read_bytes())
+    # -S: no site-packages, so no tiktoken: just the file and the standard library
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", VENDORED], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert done.stdout.split() == ["True", "ok"], done.stderr
+    version = subprocess.run(
+        [sys.executable, "-S", "omk_llm.py", "--version"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert version.stdout.strip() == f"omk_llm {omk_llm.__version__}"
+
+
 def test_stdio_wire_refuses_a_command_given_as_one_string() -> None:
     with pytest.raises(TypeError, match=r"shlex\.split"):
         StdioWire("kimi --wire")  # type: ignore[arg-type]
@@ -1041,7 +1061,9 @@ def test_garbage_and_unrelated_lines_are_skipped_without_losing_the_turn(
     with caplog.at_level(logging.WARNING, logger="omk_llm"), agent_client(protocol) as client:
         response = client.complete("text: before\ngarbage\ntext: after", budget())
     assert response.content == "beforeafter"
-    assert any("not JSON" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not JSON" in message for message in warnings)
+    assert not any("not json at all" in message for message in warnings)  # content only at DEBUG
 
 
 def test_lines_split_across_writes_and_utf8_characters_arrive_whole(protocol: str) -> None:
@@ -1387,6 +1409,19 @@ def real_peer(protocol: str, tmp_path: Path) -> Callable[..., Any]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.mark.real_peer
+def test_the_deprecated_kimi_script_is_a_start_error_that_says_what_to_run() -> None:
+    script = kimi_echo.venv_python().parent / "kimi"
+    if not script.exists():
+        pytest.fail("the real Kimi CLI is not installed") if os.environ.get("CI") else pytest.skip("no kimi")
+    # With --wire it only prints its notice and exits (never run it bare: it would try to
+    # download an installer).
+    with StdioWire([str(script), "--wire"]) as wire, pytest.raises(PeerStartError) as caught:
+        wire.start()
+    assert "no longer maintained" in str(caught.value)
+    assert "python -m kimi_cli.cli --wire" in str(caught.value)
 
 
 @pytest.mark.real_peer
