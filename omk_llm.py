@@ -1489,7 +1489,8 @@ class _AgentLlmClient:
             left = _time_left(call_deadline, time.monotonic)
             if left is not None:
                 if left <= 0:
-                    raise LlmTimeoutError(self.config.retry_policy.deadline or 0.0)
+                    whole = self.config.retry_policy.deadline or 0.0
+                    raise LlmTimeoutError(whole, f"the retry policy's deadline of {whole:g} s has passed")
                 timeout = min(timeout, left)
             turn = _Turn(self.transport.start_prompt(text), on_text)
             deadline = time.monotonic() + timeout
