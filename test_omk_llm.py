@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -956,6 +957,28 @@ def test_many_open_close_cycles_leave_no_descriptors_or_processes(protocol: str)
     assert not any(pid_alive(pid) for pid in pids)
 
 
+def test_a_write_to_a_dead_child_is_a_transient_error_not_a_broken_pipe() -> None:
+    child = omk_llm._ChildProcess([sys.executable, FAKE_PEER], cwd=None, env=None, max_line_bytes=1 << 20)
+    os.killpg(child.pid, signal.SIGKILL)
+    while pid_alive(child.pid):
+        time.sleep(0.01)
+    with pytest.raises(TransientNetworkError, match="exited"):
+        child.write(b'{"jsonrpc": "2.0", "id": "x", "method": "prompt"}\n' * 10000, 2.0)
+    child.close()
+
+
+def test_a_dead_child_is_replaced_before_the_next_send() -> None:
+    with fake_wire() as wire:
+        wire.start()
+        first = wire.pid
+        assert first is not None
+        os.killpg(first, signal.SIGKILL)
+        time.sleep(0.2)
+        wire.start_prompt("text: hi")
+        assert wire.pid != first
+        assert wire.generation == 2
+
+
 def test_a_closed_transport_refuses_further_use() -> None:
     wire = fake_wire()
     wire.close()
@@ -1145,6 +1168,15 @@ def test_a_timeout_is_retried_by_the_policy(protocol: str) -> None:
         with pytest.raises(LlmTimeoutError):
             client.complete("stall", budget())
     assert len(calls) == 1 + FAST_RETRY.max_retries
+
+
+def test_the_retry_deadline_bounds_the_whole_call_attempts_included() -> None:
+    policy = RetryPolicy(max_retries=5, base_delay=0.01, max_delay=0.01, deadline=0.8)
+    with wire_client(config=config(timeout=30.0, retry=policy)) as client:
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError):
+            client.complete("stall", budget())
+        assert time.monotonic() - started < 3.0  # not 30 s, nor 6 attempts
 
 
 def test_a_peer_that_dies_mid_turn_is_a_transient_error_with_its_stderr(protocol: str) -> None:
