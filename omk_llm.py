@@ -394,10 +394,6 @@ def with_retry(
             sleep(delay)
 
 
-def _time_left(deadline: Optional[float], clock: Callable[[], float]) -> Optional[float]:
-    return None if deadline is None else deadline - clock()
-
-
 # ======================================================================================
 # Token counting
 # ======================================================================================
@@ -1105,8 +1101,6 @@ class _JsonRpcStdio:
     current child so that the next call starts a fresh one.
     """
 
-    protocol = "JSON-RPC"
-
     def __init__(
         self,
         argv: Sequence[str],
@@ -1486,8 +1480,8 @@ class _AgentLlmClient:
     ) -> LlmResponse:
         with self._lock:
             timeout = self.config.timeout
-            left = _time_left(call_deadline, time.monotonic)
-            if left is not None:
+            if call_deadline is not None:
+                left = call_deadline - time.monotonic()
                 if left <= 0:
                     whole = self.config.retry_policy.deadline or 0.0
                     raise LlmTimeoutError(whole, f"the retry policy's deadline of {whole:g} s has passed")
@@ -1617,7 +1611,6 @@ class StdioWire(_JsonRpcStdio):
     stdin and stdout. Started on first use (``start()`` to start now), and again after it
     died. A context manager; ``close()`` ends the child's whole process group."""
 
-    protocol = "wire"
     initialize_optional = True  # a peer older than protocol 1.10 answers -32601
 
     def __init__(
@@ -1781,8 +1774,6 @@ class AcpStdio(_JsonRpcStdio):
     session that prompts go to. The session is created on the first prompt, in
     ``session_cwd`` (default: ``cwd``, else this process's working directory), and again
     whenever a new child had to be started."""
-
-    protocol = "ACP"
 
     def __init__(
         self,
