@@ -1940,6 +1940,9 @@ class AcpLlmClient(_AgentLlmClient):
         if not isinstance(reason, str):
             raise ParseError(json.dumps(message.result), "the prompt's answer has no stopReason")
         if reason == "end_turn" and not turn.text and turn.updates == 0:
+            # Kimi keeps the failed prompt in the session's history and fails every later
+            # prompt there too: a retry gets a fresh session.
+            self.acp.session_id = None
             raise TransientNetworkError(
                 "the agent ended the turn with no answer and no update: it most likely hid a "
                 "provider error (Kimi logs it under $KIMI_SHARE_DIR/logs, by default ~/.kimi/logs)"

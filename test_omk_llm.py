@@ -1365,6 +1365,15 @@ def test_acp_a_turn_with_no_update_at_all_is_a_hidden_provider_error() -> None:
         client.complete("nothing", budget())
 
 
+def test_acp_a_retry_after_a_hidden_provider_error_opens_a_new_session() -> None:
+    with acp_client() as client:
+        with pytest.raises(TransientNetworkError):
+            client.complete("nothing", budget())
+        assert client.complete("text: fresh", budget()).content == "fresh"
+        # one session per attempt, then one for the next prompt
+        assert client.acp.session_id == f"s-{1 + FAST_RETRY.max_retries + 1}"
+
+
 def test_acp_a_turn_with_updates_but_no_text_is_an_empty_answer() -> None:
     with acp_client() as client:
         response = client.complete("think: only thinking", budget())
