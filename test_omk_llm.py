@@ -1479,7 +1479,8 @@ def test_real_peer_gives_text_and_thinking(protocol: str, real_peer: Callable[..
 
 @pytest.mark.real_peer
 @pytest.mark.timeout(120)
-def test_real_wire_peer_reports_usage(real_peer: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("protocol", ["wire"])  # ACP carries no usage
+def test_real_wire_peer_reports_usage(protocol: str, real_peer: Callable[..., Any]) -> None:
     client = real_peer()
     b = budget()
     response = client.complete(
@@ -1487,11 +1488,6 @@ def test_real_wire_peer_reports_usage(real_peer: Callable[..., Any]) -> None:
     )
     assert (response.prompt_tokens, response.completion_tokens) == (150, 7)
     assert b.used_tokens == 157
-
-
-test_real_wire_peer_reports_usage = pytest.mark.parametrize("protocol", ["wire"])(
-    test_real_wire_peer_reports_usage
-)
 
 
 @pytest.mark.real_peer
