@@ -856,23 +856,23 @@ class _ChildProcess:
         for key, mask in events:
             if mask & selectors.EVENT_WRITE:
                 self._flush_outbox()
-            if key.fd == self._stdout and mask & selectors.EVENT_READ:
-                chunk = self._read(self._stdout)
-                if chunk is None:
-                    continue
-                if not chunk:
-                    self._eof = True
-                    self._unregister(self._stdout)
-                else:
-                    self._feed(chunk)
-            elif key.fd == self._stderr and mask & selectors.EVENT_READ:
-                chunk = self._read(self._stderr)
-                if chunk is None:
-                    continue
-                if not chunk:
-                    self._unregister(self._stderr)
-                else:
-                    self._feed_stderr(chunk)
+            elif mask & selectors.EVENT_READ:
+                chunk = self._read(key.fd)
+                if chunk is not None:
+                    self._take(key.fd, chunk)
+
+    def _take(self, fd: int, chunk: bytes) -> None:
+        """What one read of stdout or stderr gave; empty means that pipe is closed."""
+        if fd == self._stdout:
+            if chunk:
+                self._feed(chunk)
+            else:
+                self._eof = True
+                self._unregister(fd)
+        elif chunk:
+            self._feed_stderr(chunk)
+        else:
+            self._unregister(fd)
 
     def _drain_quietly(self) -> None:
         for fd in (self._stdout, self._stderr):
@@ -880,14 +880,11 @@ class _ChildProcess:
             while True:
                 try:
                     chunk = os.read(fd, _READ_SIZE)
-                except (BlockingIOError, InterruptedError, OSError):
+                except OSError:  # BlockingIOError included: nothing more for now
                     break
                 if not chunk:
                     break
-                if fd == self._stdout:
-                    self._feed(chunk)
-                else:
-                    self._feed_stderr(chunk)
+                self._take(fd, chunk)
 
     @staticmethod
     def _read(fd: int) -> Optional[bytes]:
@@ -903,20 +900,22 @@ class _ChildProcess:
             pass
 
     def _feed(self, chunk: bytes) -> None:
-        parts = chunk.split(b"\n")
-        if self._partial:
-            self._partial += parts[0]
-            if len(self._partial) > self._max_line:
-                raise _LineTooLong(bytes(self._partial[:200]))
-            parts[0] = bytes(self._partial)
-            self._partial.clear()
-        rest = parts.pop()
-        if len(chunk) > self._max_line and any(len(part) > self._max_line for part in parts):
-            raise _LineTooLong(max(parts, key=len)[:200])
-        self.lines.extend(parts)
-        if len(rest) > self._max_line:
-            raise _LineTooLong(rest[:200])
-        self._partial += rest
+        if b"\n" not in chunk:
+            # Inside a long line: only gather. (Splitting and re-joining here copied the
+            # whole partial line for every read, quadratic in the line's length.)
+            self._partial += chunk
+        else:
+            parts = chunk.split(b"\n")
+            if self._partial:
+                self._partial += parts[0]
+                parts[0] = bytes(self._partial)
+                self._partial = bytearray()
+            self._partial += parts.pop()
+            if len(parts[0]) > self._max_line or (
+                len(chunk) > self._max_line and any(len(part) > self._max_line for part in parts)
+            ):
+                raise _LineTooLong(max(parts, key=len)[:200])
+            self.lines.extend(parts)
         if len(self._partial) > self._max_line:
             raise _LineTooLong(bytes(self._partial[:200]))
 

@@ -1104,6 +1104,14 @@ def test_a_line_longer_than_the_cap_is_an_error_and_memory_stays_bounded(protoco
         assert client.complete("text: recovered", budget()).content == "recovered"
 
 
+def test_a_line_of_many_reads_arrives_whole() -> None:
+    # 20 MB in one line comes in hundreds of 64 KiB reads, gathered without re-splitting
+    with wire_client(config=config(timeout=60, max_tokens=10**6)) as client:
+        content = client.complete("events: 1 20000000", budget()).content
+    assert len(content) == 20_000_000
+    assert content.startswith("lorem ipsum") and content.endswith("\n")
+
+
 BOUNDED_LINE = f"""
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r})
