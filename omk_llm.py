@@ -838,12 +838,6 @@ class _ChildProcess:
             self._pump(min(remaining, _POLL_SLICE))
         return self.lines.popleft()
 
-    def drain_lines(self) -> List[bytes]:
-        """Every complete line already read (for start-up error messages)."""
-        lines = list(self.lines)
-        self.lines.clear()
-        return lines
-
     def _pump(self, timeout: float) -> None:
         events = self._selector.select(timeout)
         if not events:
@@ -1100,6 +1094,8 @@ class _JsonRpcStdio:
     current child so that the next call starts a fresh one.
     """
 
+    initialize_optional = False  # whether a peer that does not know initialize is fine
+
     def __init__(
         self,
         argv: Sequence[str],
@@ -1177,8 +1173,6 @@ class _JsonRpcStdio:
         self.generation += 1
         logger.debug("agent process %d ready: %s", child.pid, shlex.join(self.argv))
         return child
-
-    initialize_optional = False  # whether a peer that does not know initialize is fine
 
     def _initialize_params(self) -> Dict[str, Any]:
         raise NotImplementedError
@@ -1290,7 +1284,8 @@ class _JsonRpcStdio:
                 )
 
     def _start_error(self, child: _ChildProcess, stray: List[bytes], what: str) -> PeerStartError:
-        printed = [line.decode("utf-8", "replace") for line in (stray + child.drain_lines())[:5]]
+        # read_line only reports the end once every line was read, so stray has them all
+        printed = [line.decode("utf-8", "replace") for line in stray[:5]]
         text = "\n  ".join(printed)
         message = f"the agent command {shlex.join(self.argv)!r} {what}"
         if printed:
