@@ -20,7 +20,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -76,9 +75,9 @@ def _usable(version: Optional[Tuple[int, int, int]]) -> bool:
 
 def find_python() -> str:
     """A Python that can run kimi-cli, newest first."""
-    candidates: List[str] = []
-    if os.environ.get("OMK_PEER_PYTHON"):
-        candidates.append(os.environ["OMK_PEER_PYTHON"])
+    chosen = os.environ.get("OMK_PEER_PYTHON")
+    if chosen and _usable(_version(chosen)):
+        return chosen
     pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     if shutil.which("pyenv"):
         try:
@@ -88,15 +87,10 @@ def find_python() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     found = glob.glob(os.path.join(pyenv_root, "versions", "3.*", "bin", "python"))
-    found.sort(
-        key=lambda p: [int(x) for x in re.findall(r"\d+", p.split("/versions/")[1].split("/")[0])[:3]],
-        reverse=True,
-    )
-    candidates += found
-    candidates += [p for p in (shutil.which(name) for name in ("python3.13", "python3.12", "python3")) if p]
-    for python in candidates:
-        if _usable(_version(python)):
-            return python
+    found += [p for p in (shutil.which(name) for name in ("python3.13", "python3.12", "python3")) if p]
+    usable = [(version, python) for python in found if _usable(version := _version(python))]
+    if usable:
+        return max(usable)[1]  # the newest
     sys.exit("kimi_echo: no Python 3.12.2 or newer found for kimi-cli; set OMK_PEER_PYTHON to one")
 
 
