@@ -62,6 +62,7 @@ __all__ = [
     "AuthenticationError",
     "BudgetExhaustedError",
     "ContextLengthExceededError",
+    "Conversation",
     "CostEstimator",
     "ErrorResponse",
     "Event",
@@ -83,10 +84,12 @@ __all__ = [
     "TokenBudget",
     "TransientNetworkError",
     "TurnCancelledError",
+    "TurnEffects",
     "WireClient",
     "WireLlmClient",
     "WireMessage",
     "WireProtocolError",
+    "is_agent_command",
     "is_retryable",
     "main",
     "system_prompt",
@@ -118,6 +121,9 @@ class RetryPolicy:
 
     Retry k (1-based) waits ``min(base_delay * 2**(k-1), max_delay)`` times a random factor
     in ``[1 - jitter, 1]``. ``deadline`` bounds the whole call, sleeps included.
+    ``retry_after_effects`` lets a client retry an agent turn that had already acted (ran
+    a tool, was granted an approval, streamed text to ``on_text``): only for agents whose
+    tools you know are safe to run twice.
     """
 
     max_retries: int = 3
@@ -125,6 +131,7 @@ class RetryPolicy:
     max_delay: float = 10.0
     jitter: float = 0.25
     deadline: Optional[float] = None
+    retry_after_effects: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool):
@@ -139,6 +146,8 @@ class RetryPolicy:
             raise ValueError(f"base_delay ({self.base_delay}) must not exceed max_delay ({self.max_delay})")
         if self.jitter > 1:
             raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
+        if not isinstance(self.retry_after_effects, bool):
+            raise ValueError(f"retry_after_effects must be True or False, got {self.retry_after_effects!r}")
 
     def delay(self, retry: int, random_value: float) -> float:
         """The wait before retry number ``retry`` (1-based), given a random value in [0, 1)."""
@@ -201,6 +210,31 @@ class LlmResponse:
         return LlmUsage(self.prompt_tokens, self.completion_tokens, self.total_tokens, usd)
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnEffects:
+    """What an agent turn did outside the client before it ended: what a retry would do
+    again. ``tools`` names the tool calls the agent started (even ones it was then refused),
+    ``approvals`` counts the approvals granted, ``streamed`` is the text given to ``on_text``."""
+
+    tools: Tuple[str, ...] = ()
+    approvals: int = 0
+    streamed: str = ""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.tools or self.approvals or self.streamed)
+
+    def describe(self) -> str:
+        done = []
+        if self.tools:
+            done.append(f"started tool call(s) {', '.join(self.tools)}")
+        if self.approvals:
+            done.append(f"been granted {self.approvals} approval(s)")
+        if self.streamed:
+            done.append(f"streamed {len(self.streamed)} characters to on_text")
+        return " and ".join(done) if done else "done nothing outside the client"
+
+
 class TokenBudget:
     """A token allowance that many threads may share; no update is lost.
 
@@ -254,7 +288,13 @@ def system_prompt(system: str, prompt: str) -> str:
 
 
 class LlmError(Exception):
-    """The base of every error this module raises on purpose."""
+    """The base of every error this module raises on purpose.
+
+    ``effects`` is set on an error that ended an agent turn: what the turn had done by then
+    (a ``TurnEffects``), so that a program can tell whether it is safe to try again.
+    """
+
+    effects: Optional[TurnEffects] = None
 
 
 class LlmTimeoutError(LlmError, TimeoutError):
@@ -311,17 +351,30 @@ class ParseError(LlmError):
 
 
 class BudgetExhaustedError(LlmError):
-    def __init__(self, used: int, max: int, needed: int = 0) -> None:
+    """The budget cannot afford the prompt (raised before sending), or the usage the agent
+    reported during a turn passed what the budget had left (the turn was cancelled;
+    ``partial`` holds what it had answered by then)."""
+
+    def __init__(
+        self,
+        used: int,
+        max: int,
+        needed: int = 0,
+        partial: Optional[LlmResponse] = None,
+        message: Optional[str] = None,
+    ) -> None:
         self.used = used
         self.max = max
+        self.partial = partial
         super().__init__(
-            f"the token budget cannot afford this prompt ({needed} tokens needed, "
+            message
+            or f"the token budget cannot afford this prompt ({needed} tokens needed, "
             f"{used} of {max} used); give it a larger TokenBudget"
         )
 
 
 class TurnCancelledError(LlmError):
-    """The peer reports the turn as cancelled (by someone else than this client)."""
+    """The turn was cancelled: by ``cancel()``, or by someone else (the peer says so)."""
 
 
 class WireProtocolError(LlmError):
@@ -657,6 +710,7 @@ class MockLlmClient:
         self._lock = threading.Lock()
         self._responses: Deque[MockItem] = collections.deque(responses)
         self._calls: List[str] = []
+        self._running: List[threading.Event] = []  # one per call inside its on_text
 
     def push_response(self, item: MockItem) -> None:
         with self._lock:
@@ -683,8 +737,24 @@ class MockLlmClient:
         response = item if isinstance(item, LlmResponse) else _plain_response(item)
         budget.record_usage(response.total_tokens)
         if on_text is not None and response.content:
-            on_text(response.content)
+            cancelled = threading.Event()
+            with self._lock:
+                self._running.append(cancelled)
+            try:
+                on_text(response.content)
+            finally:
+                with self._lock:
+                    self._running.remove(cancelled)
+            if cancelled.is_set():
+                raise TurnCancelledError("the turn was cancelled by cancel()")
         return response
+
+    def cancel(self) -> None:
+        """Cancel the calls that are running (a mock call runs only while its ``on_text``
+        does): each raises TurnCancelledError. With none running it does nothing."""
+        with self._lock:
+            for cancelled in self._running:
+                cancelled.set()
 
     def complete_with_system(
         self,
@@ -797,9 +867,16 @@ class _ChildProcess:
         self._stdout = self._proc.stdout.fileno()
         self._stderr = self._proc.stderr.fileno()
         os.set_blocking(self._stdin, False)
+        # cancel() from another thread writes a byte here to wake the reader's select
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._wake_lock = threading.Lock()
+        self.woken = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._stdout, selectors.EVENT_READ)
         self._selector.register(self._stderr, selectors.EVENT_READ)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
         self.lines: Deque[bytes] = collections.deque()  # complete lines not yet handed on
         self._partial = bytearray()
         self._outbox = bytearray()
@@ -808,7 +885,9 @@ class _ChildProcess:
         self._stderr_tail: Deque[str] = collections.deque(maxlen=_STDERR_KEEP_LINES)
         self._eof = False
         self.closed = False
-        self._finalizer = weakref.finalize(self, _finalize_child, self._proc, self._selector)
+        self._finalizer = weakref.finalize(
+            self, _finalize_child, self._proc, self._selector, (self._wake_read, self._wake_write)
+        )
 
     @property
     def pid(self) -> int:
@@ -827,16 +906,32 @@ class _ChildProcess:
     # -- reading --
 
     def read_line(self, deadline: float) -> Optional[bytes]:
-        """The next complete line, or None when ``deadline`` (monotonic) passes first.
+        """The next complete line, or None when ``deadline`` (monotonic) passes first or
+        ``wake()`` was called; a deadline already past still takes what the pipe holds.
         Raises TransientNetworkError once the child has ended and every line is read."""
+        polled = False
         while not self.lines:
             if self._eof:
                 raise self.ended_error()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if self.woken:
+                self.woken = False
                 return None
-            self._pump(min(remaining, _POLL_SLICE))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and polled:
+                return None
+            self._pump(min(max(remaining, 0.0), _POLL_SLICE))
+            polled = True
         return self.lines.popleft()
+
+    def wake(self) -> None:
+        """Make a ``read_line`` waiting in another thread return None now. Thread-safe."""
+        with self._wake_lock:
+            if self.closed:
+                return
+            try:
+                os.write(self._wake_write, b"!")
+            except OSError:  # the pipe is full: a wake-up is already pending
+                pass
 
     def _pump(self, timeout: float) -> None:
         events = self._selector.select(timeout)
@@ -848,7 +943,13 @@ class _ChildProcess:
                 self._eof = True
             return
         for key, mask in events:
-            if mask & selectors.EVENT_WRITE:
+            if key.fd == self._wake_read:
+                try:
+                    os.read(self._wake_read, _READ_SIZE)
+                except OSError:
+                    pass
+                self.woken = True
+            elif mask & selectors.EVENT_WRITE:
                 self._flush_outbox()
             elif mask & selectors.EVENT_READ:
                 chunk = self._read(key.fd)
@@ -977,21 +1078,39 @@ class _ChildProcess:
         )
 
     def close(self, grace: float = 2.0) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        with self._wake_lock:
+            if self.closed:
+                return
+            self.closed = True
         self._finalizer.detach()
         try:
             _kill_group(self._proc, grace)
         finally:
             self._selector.close()
+            with self._wake_lock:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
 
 
-def _finalize_child(proc: subprocess.Popen[bytes], selector: selectors.BaseSelector) -> None:
+def _finalize_child(
+    proc: subprocess.Popen[bytes], selector: selectors.BaseSelector, wake_fds: Tuple[int, int]
+) -> None:
     # Runs at garbage collection or interpreter exit for a caller who forgot close():
     # no grace, the process is unreachable anyway.
     _kill_group(proc, 0.0)
     selector.close()
+    for fd in wake_fds:
+        os.close(fd)
+
+
+def _require_posix(what: str, os_name: str = os.name) -> None:
+    """The transports need POSIX: pipes under ``selectors`` and process groups."""
+    if os_name != "posix":
+        raise LlmError(
+            f"{what} needs a POSIX system (Linux, macOS, WSL): it reads the agent's pipes with "
+            "selectors and ends its process group. On Windows, run under WSL; the rest of "
+            "omk_llm (MockLlmClient, with_retry, TokenBudget, CostEstimator) works everywhere."
+        )
 
 
 def _quote_stderr(lines: Sequence[str]) -> str:
@@ -1110,6 +1229,7 @@ class _JsonRpcStdio:
             raise TypeError("argv must be a sequence of strings, not one string; use shlex.split")
         if not argv:
             raise ValueError("argv must name a command")
+        _require_posix(type(self).__name__)
         self.argv: Tuple[str, ...] = tuple(argv)
         self.cwd = cwd
         self.env = env
@@ -1131,9 +1251,24 @@ class _JsonRpcStdio:
     def stderr_tail(self) -> List[str]:
         return self._child.stderr_tail() if self._child is not None else []
 
+    @property
+    def peer_name(self) -> str:
+        """The agent's name as its handshake gave it ("" when it gave none)."""
+        info = self.peer_info if isinstance(self.peer_info, dict) else {}
+        about = info.get("agentInfo") or info.get("server")
+        name = about.get("name") if isinstance(about, dict) else None
+        return name if isinstance(name, str) else ""
+
     def start(self) -> None:
         """Start the child and finish the handshake now (otherwise the first call does)."""
         self._live_child()
+
+    def wake(self) -> None:
+        """Make a ``read_message`` waiting in another thread give up now (it raises
+        LlmTimeoutError). Thread-safe; ``cancel()`` on a client uses it."""
+        child = self._child
+        if child is not None:
+            child.wake()
 
     def reset(self) -> None:
         """End the current child (its whole process group); the next call starts anew."""
@@ -1337,6 +1472,33 @@ def _skip(line: bytes, what: str) -> None:
 
 ApprovalPolicy = Union[str, Callable[[Request], str]]
 APPROVALS = ("approve", "approve_for_session", "reject")
+GRANTED = ("approve", "approve_for_session")
+
+# Kimi runs a prompt as a slash command when its trimmed text starts with /name followed by
+# white space or its end (kimi_cli.utils.slashcmd); agents like it follow the same rule.
+_AGENT_COMMAND = r"\s*/[A-Za-z0-9_-]+(?::[A-Za-z0-9_-]+)*(?:\s|$)"
+
+PromptText = Union[str, List[str]]  # one text, or text parts sent as one message
+
+
+def is_agent_command(text: str) -> bool:
+    """Whether an agent such as Kimi would run ``text`` as a slash command (``/yolo``,
+    ``  /clear now``) instead of sending it to the model. ``/usr/bin/python`` is not one."""
+    return re.match(_AGENT_COMMAND, text) is not None
+
+
+def _as_plain_text(text: str, kimi: bool) -> PromptText:
+    """``text`` in a form the agent sends to the model instead of running it as a command.
+
+    Kimi joins a message's text parts with a space to look for a command, but the model
+    gets the parts joined as they are: so "/" and the rest, as two parts, reach the model
+    as the very text and never run. Other agents get a zero-width space in front."""
+    if not is_agent_command(text):
+        return text
+    if kimi:
+        slash = text.index("/") + 1
+        return [text[:slash], text[slash:]]
+    return "\u200b" + text
 
 
 def _check_approval(approval: ApprovalPolicy) -> ApprovalPolicy:
@@ -1345,23 +1507,84 @@ def _check_approval(approval: ApprovalPolicy) -> ApprovalPolicy:
     raise ValueError(f"approval must be one of {', '.join(APPROVALS)} or a callable, got {approval!r}")
 
 
-class _Turn:
-    """What one prompt has gathered so far."""
+class _Context:
+    """An agent context that turns go to: the client's own (made fresh before each prompt)
+    or a conversation's (its history kept). Over ACP it is a session; over wire the agent
+    process has exactly one."""
 
-    def __init__(self, prompt_id: Any, on_text: Optional[TextCallback]) -> None:
-        self.prompt_id = prompt_id
+    def __init__(self, keep_history: bool) -> None:
+        self.keep_history = keep_history
+        self.session: Optional[str] = None  # ACP session id
+        self.generation = -1  # the agent process it lives in (its transport's generation)
+        self.dirty = False  # holds turns (or their remains) that a fresh prompt must not see
+        self.failed = False  # its last turn failed: the agent may hold it, half done
+        self.turns = 0  # finished turns in its history
+        self.history_tokens = 0  # what its history costs each later turn, as best known
+        self.closed = False
+
+
+class _Turn:
+    """What one prompt has gathered so far, and what it has done."""
+
+    def __init__(
+        self,
+        context: _Context,
+        on_text: Optional[TextCallback],
+        prompt_tokens: int,
+        budget: Optional[TokenBudget],
+    ) -> None:
+        self.context = context
+        self.prompt_id: Any = None
         self.on_text = on_text
+        self.prompt_tokens = prompt_tokens
+        self.budget = budget
         self.text: List[str] = []
         self.thinking: List[str] = []
-        self.usage: Optional[Tuple[int, int]] = None
+        self.usage: Optional[List[int]] = None  # [prompt, completion], summed over steps
         self.updates = 0
         self.pending: List[Request] = []
+        self.tools: List[str] = []
+        self.approvals = 0
+        self.begun = False  # wire: this turn's TurnBegin was seen
+        self.context_used = 0  # ACP usage_update: tokens in the agent's context
+        self.finish_reason = "stop"
+        self.cancel_requested = False
+        self.draining = False  # cancelled: its text no longer counts as the answer
 
     def add_text(self, chunk: str) -> None:
-        if chunk:
+        if chunk and not self.draining:
             self.text.append(chunk)
             if self.on_text is not None:
                 self.on_text(chunk)
+
+    def add_thinking(self, chunk: str) -> None:
+        if chunk and not self.draining:
+            self.thinking.append(chunk)
+
+    def add_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """One step's reported usage (each step is a model call, billed for its input)."""
+        if self.usage is None:
+            self.usage = [0, 0]
+        self.usage[0] += prompt_tokens
+        self.usage[1] += completion_tokens
+        self.check_budget(self.usage[0] + self.usage[1])
+
+    def check_budget(self, spent: int) -> None:
+        """Stop the turn once what the agent reported passes what the budget has left."""
+        if self.budget is not None and not self.draining and spent > self.budget.remaining:
+            raise _Stop("budget")
+
+    def effects(self) -> TurnEffects:
+        streamed = "".join(self.text) if self.on_text is not None else ""
+        return TurnEffects(tuple(self.tools), self.approvals, streamed)
+
+
+class _Stop(Exception):
+    """Ends the read loop of a turn that must be cancelled: "cancel", "timeout", "budget"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # Patterns, not compiled objects: re caches them on first use, and import stays quick.
@@ -1379,10 +1602,16 @@ def _provider_error(message: str) -> LlmError:
     return TransientNetworkError(f"the agent reported a provider or internal error: {message}")
 
 
-class WireClient(Protocol):
-    """What a client needs from a transport: ``StdioWire`` and ``AcpStdio`` both are one."""
+def _count(value: Any) -> int:
+    """A token count from the agent: a whole number of 0 or more, anything else 0."""
+    return value if type(value) is int and value > 0 else 0
 
-    def start_prompt(self, text: str) -> Any: ...
+
+class WireClient(Protocol):
+    """What a client needs from a transport: ``StdioWire`` and ``AcpStdio`` both are one.
+    ``start_prompt`` takes a text, or text parts to send as one message."""
+
+    def start_prompt(self, text: PromptText) -> Any: ...
 
     def read_message(self, timeout: float) -> WireMessage: ...
 
@@ -1398,9 +1627,11 @@ class WireClient(Protocol):
 
 
 class _AgentLlmClient:
-    """The turn loop both protocols share: checks before sending, one turn at a time, a
-    whole-turn deadline, every peer request answered, cancel-and-drain on timeout so
-    nothing leaks into the next turn, and retries by the policy."""
+    """The turn loop both protocols share: a fresh agent context per prompt (or a
+    conversation's history), checks before sending, one turn at a time, a whole-turn
+    deadline, every peer request answered, cancel-and-drain on timeout, ``cancel()`` and a
+    passed budget so nothing leaks into the next turn, and retries that never repeat an
+    action."""
 
     def __init__(
         self,
@@ -1420,29 +1651,19 @@ class _AgentLlmClient:
         self.cancel_grace = cancel_grace
         self._sleep = sleep
         self._rng = rng
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one turn at a time
+        self._turn_thread: Optional[int] = None  # the thread that runs the turn (re-entry)
+        self._running: Optional[_Turn] = None
+        self._context = _Context(keep_history=False)
+
+    # -- what users call --
 
     def complete(
         self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
     ) -> LlmResponse:
-        """Send one prompt and return the whole answer. ``on_text`` receives each text
-        chunk as it arrives (a retried attempt streams again from its start)."""
-        text = _check_prompt(prompt)
-        prompt_tokens = self.cost_estimator.count_tokens(text, self.config.model)
-        if prompt_tokens > self.config.max_tokens:
-            raise ContextLengthExceededError(prompt_tokens, self.config.max_tokens)
-        if not budget.can_afford(prompt_tokens):
-            raise BudgetExhaustedError(budget.used_tokens, budget.max_tokens, prompt_tokens)
-        policy = self.config.retry_policy
-        deadline = None if policy.deadline is None else time.monotonic() + policy.deadline
-        response = with_retry(
-            lambda: self._attempt(text, prompt_tokens, on_text, deadline),
-            policy,
-            sleep=self._sleep,
-            rng=self._rng,
-        )
-        budget.record_usage(response.total_tokens)
-        return response
+        """Send one prompt, in a fresh agent context, and return the whole answer.
+        ``on_text`` receives each text chunk as it arrives."""
+        return self._complete(self._context, prompt, budget, on_text)
 
     def complete_with_system(
         self,
@@ -1454,6 +1675,23 @@ class _AgentLlmClient:
     ) -> LlmResponse:
         return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
 
+    def command(self, command: str, budget: Optional[TokenBudget] = None) -> LlmResponse:
+        """Run an agent command (``/compact``, ``/yolo``, ...) as the agent defines it.
+        Prompts never run as commands; this is the one way to run one on purpose. Over the
+        client's own context it acts on the agent process (``/yolo`` switches its approvals
+        off for every later prompt); the next prompt still gets a fresh context."""
+        return self._command(self._context, command, budget)
+
+    def conversation(self) -> Conversation:
+        """A conversation: its turns share the agent's history. Use it as a context manager."""
+        return Conversation(self, self._open_context())
+
+    def cancel(self) -> None:
+        """Cancel the running turn, from any thread: its call raises TurnCancelledError
+        within ``cancel_grace`` and the agent stays up for the next prompt. With no turn
+        running it does nothing."""
+        self._cancel(None)
+
     def close(self) -> None:
         self.transport.close()
 
@@ -1463,116 +1701,328 @@ class _AgentLlmClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # -- calls --
+
+    def _complete(
+        self, context: _Context, prompt: str, budget: TokenBudget, on_text: Optional[TextCallback]
+    ) -> LlmResponse:
+        text = _check_prompt(prompt)
+        prompt_tokens = self.cost_estimator.count_tokens(text, self.config.model)
+        if prompt_tokens > self.config.max_tokens:
+            raise ContextLengthExceededError(prompt_tokens, self.config.max_tokens)
+        needed = prompt_tokens + context.history_tokens
+        if not budget.can_afford(needed):
+            raise BudgetExhaustedError(budget.used_tokens, budget.max_tokens, needed)
+        policy = self.config.retry_policy
+        deadline = None if policy.deadline is None else time.monotonic() + policy.deadline
+        return with_retry(
+            lambda: self._attempt(context, text, prompt_tokens, budget, on_text, deadline, escape=True),
+            policy,
+            lambda err: is_retryable(err) and not getattr(err, "_omk_final", False),
+            sleep=self._sleep,
+            rng=self._rng,
+        )
+
+    def _command(self, context: _Context, command: str, budget: Optional[TokenBudget]) -> LlmResponse:
+        if not isinstance(command, str) or not is_agent_command(command):
+            raise InvalidPromptError(
+                f"{command!r} is not an agent command (/name, then white space or the end); "
+                "send prompts with complete()"
+            )
+        prompt_tokens = self.cost_estimator.count_tokens(command, self.config.model)
+        return self._attempt(context, command, prompt_tokens, budget, None, None, escape=False)
+
+    def _cancel(self, context: Optional[_Context]) -> None:
+        turn = self._running
+        if turn is not None and (context is None or turn.context is context):
+            turn.cancel_requested = True
+            wake = getattr(self.transport, "wake", None)
+            if wake is not None:
+                wake()
+
     # -- one attempt --
 
     def _attempt(
         self,
+        context: _Context,
         text: str,
         prompt_tokens: int,
+        budget: Optional[TokenBudget],
         on_text: Optional[TextCallback],
         call_deadline: Optional[float],
+        *,
+        escape: bool,
     ) -> LlmResponse:
+        if self._turn_thread == threading.get_ident():
+            raise LlmError(
+                "a call on this client was made from inside its own callback (on_text or the "
+                "approval callable) while its turn runs; the agent runs one turn at a time, so "
+                "use another client there"
+            )
         with self._lock:
-            timeout = self.config.timeout
-            if call_deadline is not None:
-                left = call_deadline - time.monotonic()
-                if left <= 0:
-                    whole = self.config.retry_policy.deadline or 0.0
-                    raise LlmTimeoutError(whole, f"the retry policy's deadline of {whole:g} s has passed")
-                timeout = min(timeout, left)
-            turn = _Turn(self.transport.start_prompt(text), on_text)
-            deadline = time.monotonic() + timeout
-            settled = False
+            self._turn_thread = threading.get_ident()
             try:
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise LlmTimeoutError(timeout)
-                    message = self.transport.read_message(remaining)
-                    if isinstance(message, Event):
-                        self._on_event(message, turn)
-                    elif isinstance(message, Request):
-                        self._answer(message, turn, deadline)
-                    elif message.id == turn.prompt_id:
-                        settled = True
-                        return self._finish(message, turn, prompt_tokens)
-                    else:
-                        logger.debug("ignoring a response to another request: %r", message)
-            except LlmTimeoutError:
-                settled = True
-                self._cancel_and_drain(turn)
-                raise LlmTimeoutError(timeout) from None
-            except TransientNetworkError:
-                settled = True  # the transport has already ended the child
-                raise
+                return self._locked_attempt(context, text, prompt_tokens, budget, on_text, call_deadline, escape)
             finally:
-                if not settled:
-                    # A callback raised, or an interrupt: the turn is still running on the
-                    # peer, and its events must not reach the next prompt.
-                    self.transport.reset()
+                self._turn_thread = None
+
+    def _locked_attempt(
+        self,
+        context: _Context,
+        text: str,
+        prompt_tokens: int,
+        budget: Optional[TokenBudget],
+        on_text: Optional[TextCallback],
+        call_deadline: Optional[float],
+        escape: bool,
+    ) -> LlmResponse:
+        if context.closed:
+            raise LlmError("this conversation was closed; open a new one with client.conversation()")
+        self._check_context_free(context)
+        timeout = self.config.timeout
+        if call_deadline is not None:
+            left = call_deadline - time.monotonic()
+            if left <= 0:
+                whole = self.config.retry_policy.deadline or 0.0
+                raise LlmTimeoutError(whole, f"the retry policy's deadline of {whole:g} s has passed")
+            timeout = min(timeout, left)
+        deadline = time.monotonic() + timeout
+        turn = _Turn(context, on_text, prompt_tokens, budget)
+        had_history = context.turns > 0
+        try:
+            self._prepare(context, deadline)
+            prompt = _as_plain_text(text, self._is_kimi()) if escape else text
+            self._run(turn, prompt, deadline)
+        except LlmError as err:
+            self._failed(turn, err, had_history)
+            raise
+        except BaseException:
+            context.failed = context.dirty = True
+            raise
+        finally:
+            if budget is not None and turn.prompt_id is not None:
+                budget.record_usage(sum(self._tokens(turn)))
+        response = self._response(turn, turn.finish_reason)
+        context.turns += 1
+        context.history_tokens = response.total_tokens if turn.usage else context.history_tokens + response.total_tokens
+        if not context.keep_history:
+            context.history_tokens = 0
+        return response
+
+    def _failed(self, turn: _Turn, err: LlmError, had_history: bool) -> None:
+        """Mark the context and the error after a failed attempt: whether it is retried, and
+        what the conversation lost."""
+        context = turn.context
+        if turn.prompt_id is None and not context.dirty:
+            return  # nothing reached the agent
+        context.failed = context.dirty = True
+        effects = turn.effects()
+        err.effects = effects
+        reasons = []
+        if effects.any and not self.config.retry_policy.retry_after_effects:
+            reasons.append(
+                f"the agent had already {effects.describe()}, which a retry would repeat "
+                "(RetryPolicy(retry_after_effects=True) retries anyway)"
+            )
+        if context.keep_history and had_history:
+            reasons.append("it belongs to a conversation, whose history it would re-send into")
+        if context.keep_history and context.turns:
+            logger.warning("a conversation turn failed: its history of %d turn(s) is lost", context.turns)
+            err.args = (
+                f"{err}; the conversation's history of {context.turns} turn(s) was lost (the "
+                "agent may hold the failed turn), so its next turn starts afresh",
+            )
+            context.turns = 0
+            context.history_tokens = 0
+        if reasons and is_retryable(err):
+            err.args = (f"{err}; not retried: {'; '.join(reasons)}",)
+            setattr(err, "_omk_final", True)
+
+    def _run(self, turn: _Turn, prompt: PromptText, deadline: float) -> None:
+        """Start the turn and read until its answer. Whatever ends it, the agent process is
+        kept only if the turn reached a settled end (answered, or cancelled and drained)."""
+        self._running = turn
+        settled = False
+        try:
+            if turn.cancel_requested:
+                raise TurnCancelledError("the turn was cancelled by cancel() before it started")
+            turn.prompt_id = self._start(turn.context, prompt)
+            turn.context.dirty = True
+            try:
+                answer = self._read_until_answer(turn, deadline)
+            except _Stop as stop:
+                settled = self._cancel_and_drain(turn)
+                raise self._stopped(stop.reason, turn) from None
+            settled = True
+            self._finish(answer, turn)
+        finally:
+            self._running = None
+            if not settled and turn.prompt_id is not None:
+                # A callback raised, an interrupt, a dead or confused peer: the turn may
+                # still run on the peer, and its events must not reach the next prompt.
+                self.transport.reset()
+
+    def _read_until_answer(self, turn: _Turn, deadline: float) -> Union[SuccessResponse, ErrorResponse]:
+        while True:
+            if turn.cancel_requested:
+                raise _Stop("cancel")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Stop("timeout")
+            try:
+                message = self.transport.read_message(remaining)
+            except LlmTimeoutError:
+                continue  # the deadline, or a wake-up from cancel(): the checks above decide
+            if isinstance(message, Event):
+                self._on_event(message, turn)
+            elif isinstance(message, Request):
+                self._answer(message, turn, deadline)
+            elif message.id == turn.prompt_id:
+                return message
+            else:
+                logger.debug("ignoring a response to another request: %r", message)
+
+    def _stopped(self, reason: str, turn: _Turn) -> LlmError:
+        if reason == "cancel":
+            return TurnCancelledError("the turn was cancelled by cancel()")
+        if reason == "budget":
+            assert turn.budget is not None
+            partial = self._response(turn, "budget")
+            spent = max(partial.total_tokens, turn.context_used)
+            return BudgetExhaustedError(
+                turn.budget.used_tokens + spent,
+                turn.budget.max_tokens,
+                partial=partial,
+                message=f"the agent reported {spent} tokens for this turn, more than the "
+                f"{turn.budget.remaining} left in the budget: the turn was cancelled (its partial "
+                "answer is in .partial); give it a larger TokenBudget",
+            )
+        return LlmTimeoutError(self.config.timeout)
 
     def _answer(self, request: Request, turn: _Turn, deadline: float) -> None:
         if not self._is_approval(request):
-            self._answer_other(request)
+            self._answer_other(request, turn)
             return
         decision = self.approval(request) if callable(self.approval) else self.approval
         if decision not in APPROVALS:
             raise ValueError(f"the approval callable returned {decision!r}; expected one of {APPROVALS}")
-        if time.monotonic() >= deadline:
+        if turn.cancel_requested or time.monotonic() >= deadline:
             turn.pending.append(request)  # answered "cancelled" by the cancel that follows
-            raise LlmTimeoutError(self.config.timeout)
+            raise _Stop("cancel" if turn.cancel_requested else "timeout")
+        if decision in GRANTED:
+            turn.approvals += 1
         self._answer_approval(request, decision)
 
-    def _cancel_and_drain(self, turn: _Turn) -> None:
+    def _cancel_and_drain(self, turn: _Turn) -> bool:
         """Cancel the turn and read until its answer, so that nothing of it leaks into the
-        next prompt; a peer that does not settle within ``cancel_grace`` is ended."""
+        next prompt. False when the peer did not settle within ``cancel_grace`` (then the
+        caller ends it)."""
+        turn.draining = True
         try:
-            self.transport.cancel()
+            self._send_cancel(turn)
             for request in turn.pending:
-                self._answer_cancelled(request)
+                self._answer_cancelled(request, turn)
             limit = time.monotonic() + self.cancel_grace
             while True:
                 remaining = limit - time.monotonic()
                 if remaining <= 0:
                     break
-                message = self.transport.read_message(remaining)
+                try:
+                    message = self.transport.read_message(remaining)
+                except LlmTimeoutError:
+                    continue
                 if isinstance(message, Request):
-                    self._answer_cancelled(message)
-                elif isinstance(message, (SuccessResponse, ErrorResponse)) and message.id == turn.prompt_id:
-                    logger.info("timed-out turn cancelled and drained")
-                    return
+                    self._answer_cancelled(message, turn)
+                elif isinstance(message, Event):
+                    self._on_event(message, turn)  # its usage still counts
+                elif message.id == turn.prompt_id:
+                    logger.info("turn cancelled and drained")
+                    return True
         except LlmError as err:
             logger.debug("drain after cancel ended by %s", err)
         logger.warning("the agent did not settle within %g s after cancel; ending it", self.cancel_grace)
-        self.transport.reset()
+        return False
 
-    def _answer_cancelled(self, request: Request) -> None:
+    def _answer_cancelled(self, request: Request, turn: _Turn) -> None:
         if self._is_approval(request):
             self._answer_approval(request, None)
         else:
-            self._answer_other(request)
+            self._answer_other(request, turn)
 
-    def _response(self, turn: _Turn, prompt_tokens: int, finish_reason: str) -> LlmResponse:
-        content = "".join(turn.text)
-        thinking = "".join(turn.thinking)
+    def _discard_stale(self) -> None:
+        """Take what the agent sent after its last answer (a late update) before a new
+        prompt, so that it cannot reach the new turn."""
+        while True:
+            try:
+                message = self.transport.read_message(0)
+            except LlmError:
+                return
+            if isinstance(message, Request):
+                self._answer_cancelled(message, _Turn(self._context, None, 0, None))
+            else:
+                logger.debug("discarding a message that came after its turn: %s", type(message).__name__)
+
+    def _tokens(self, turn: _Turn) -> Tuple[int, int]:
+        """The turn's (prompt, completion) tokens: as the agent reported, else estimated."""
         if turn.usage is not None:
-            prompt_tokens, completion_tokens = turn.usage
-        else:
-            model = self.config.model
-            completion_tokens = self.cost_estimator.count_tokens(content, model)
-            if thinking:
-                completion_tokens += self.cost_estimator.count_tokens(thinking, model)
+            return turn.usage[0], turn.usage[1]
+        model = self.config.model
+        completion = self.cost_estimator.count_tokens("".join(turn.text), model) if turn.text else 0
+        if turn.thinking:
+            completion += self.cost_estimator.count_tokens("".join(turn.thinking), model)
+        return turn.prompt_tokens, completion
+
+    def _response(self, turn: _Turn, finish_reason: str) -> LlmResponse:
+        prompt_tokens, completion_tokens = self._tokens(turn)
         return LlmResponse(
-            content,
+            "".join(turn.text),
             prompt_tokens,
             completion_tokens,
             prompt_tokens + completion_tokens,
             self.config.model,
             finish_reason,
-            thinking,
+            "".join(turn.thinking),
         )
 
+    def _run_clear(self, context: _Context, deadline: float) -> bool:
+        """Clear the agent's context with its own ``/clear`` turn; False if it did not."""
+        turn = _Turn(context, None, 0, None)
+        try:
+            self._run(turn, "/clear", deadline)
+        except LlmError as err:
+            if turn.cancel_requested:
+                raise  # cancel() meant the call that this clear belongs to
+            logger.info("the agent's /clear failed (%s); starting a new agent process", err)
+            return False
+        answer = "".join(turn.text)
+        if "unknown" in answer.lower():
+            logger.info("the agent has no /clear (%r); starting a new agent process", answer[:200])
+            return False
+        return True
+
     # -- what each protocol says --
+
+    def _is_kimi(self) -> bool:
+        raise NotImplementedError
+
+    def _open_context(self) -> _Context:
+        raise NotImplementedError
+
+    def _close_context(self, context: _Context) -> None:
+        raise NotImplementedError
+
+    def _check_context_free(self, context: _Context) -> None:
+        """Refuse a turn that would end an open conversation's history."""
+
+    def _prepare(self, context: _Context, deadline: float) -> None:
+        """Make ``context`` ready for a turn: started, and fresh unless it keeps history."""
+        raise NotImplementedError
+
+    def _start(self, context: _Context, prompt: PromptText) -> Any:
+        raise NotImplementedError
+
+    def _send_cancel(self, turn: _Turn) -> None:
+        raise NotImplementedError
 
     def _on_event(self, event: Event, turn: _Turn) -> None:
         raise NotImplementedError
@@ -1584,13 +2034,74 @@ class _AgentLlmClient:
         """Answer a permission request; ``decision`` None means the turn was cancelled."""
         raise NotImplementedError
 
-    def _answer_other(self, request: Request) -> None:
+    def _answer_other(self, request: Request, turn: _Turn) -> None:
         raise NotImplementedError
 
-    def _finish(
-        self, message: Union[SuccessResponse, ErrorResponse], turn: _Turn, prompt_tokens: int
-    ) -> LlmResponse:
+    def _finish(self, message: Union[SuccessResponse, ErrorResponse], turn: _Turn) -> None:
+        """Check the prompt's answer: raise the error it stands for, or set the finish."""
         raise NotImplementedError
+
+
+class Conversation:
+    """A conversation with the agent: its turns share the agent's history, as in the
+    agent's own UI. An ``LlmClient`` and a context manager; ``client.conversation()`` opens
+    one.
+
+    A failed, timed-out or cancelled turn is never re-sent into the history: it is not
+    retried once the conversation has history, and since the agent may hold the failed
+    turn, the history is dropped and the next turn starts afresh (the error says so, and
+    ``turns`` goes back to 0). The budget check before a turn counts the new prompt plus
+    what the history cost the last turn (the agent's reported prompt tokens include it).
+    """
+
+    def __init__(self, client: _AgentLlmClient, context: _Context) -> None:
+        self._client = client
+        self._context = context
+
+    @property
+    def session_id(self) -> Optional[str]:
+        """The agent's session id (ACP), once the first turn opened it."""
+        return self._context.session
+
+    @property
+    def turns(self) -> int:
+        """How many finished turns the agent's history holds."""
+        return self._context.turns
+
+    def complete(
+        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
+    ) -> LlmResponse:
+        return self._client._complete(self._context, prompt, budget, on_text)
+
+    def complete_with_system(
+        self,
+        system: str,
+        prompt: str,
+        budget: TokenBudget,
+        *,
+        on_text: Optional[TextCallback] = None,
+    ) -> LlmResponse:
+        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
+
+    def command(self, command: str, budget: Optional[TokenBudget] = None) -> LlmResponse:
+        """Run an agent command in this conversation (``/compact`` compacts its history)."""
+        return self._client._command(self._context, command, budget)
+
+    def cancel(self) -> None:
+        """Cancel this conversation's running turn (see ``cancel()`` on the client)."""
+        self._client._cancel(self._context)
+
+    def close(self) -> None:
+        """End the conversation; the client's next prompt gets a fresh context again."""
+        if not self._context.closed:
+            self._context.closed = True
+            self._client._close_context(self._context)
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # ======================================================================================
@@ -1633,8 +2144,9 @@ class StdioWire(_JsonRpcStdio):
             "capabilities": {"supports_question": False},
         }
 
-    def start_prompt(self, text: str) -> Any:
-        return self.send_request("prompt", {"user_input": text})
+    def start_prompt(self, text: PromptText) -> Any:
+        user_input: Any = text if isinstance(text, str) else [{"type": "text", "text": part} for part in text]
+        return self.send_request("prompt", {"user_input": user_input})
 
     def cancel(self) -> None:
         if self._child is not None:
@@ -1652,13 +2164,17 @@ def _wire_error(error: ErrorResponse) -> LlmError:
 
 
 _WIRE_STATUS = {"finished": "stop", "max_steps_reached": "max_steps"}
+_WIRE_INPUT_TOKENS = ("input_other", "input_cache_read", "input_cache_creation")
 
 
 class WireLlmClient(_AgentLlmClient):
     """An ``LlmClient`` over a ``WireClient`` (normally a ``StdioWire``).
 
-    Threads may share it: turns run one at a time. Approval requests are answered by
-    ``approval``: "reject" (the default), "approve", "approve_for_session", or a callable
+    Each ``complete()`` gets a fresh agent context (Kimi's own ``/clear`` before a prompt
+    that would otherwise see earlier ones); ``conversation()`` keeps one. The agent
+    process has one context, so while a conversation is open the client's own prompts are
+    refused. Threads may share it: turns run one at a time. Approval requests are answered
+    by ``approval``: "reject" (the default), "approve", "approve_for_session", or a callable
     that gets the ``Request`` and returns one of those.
     """
 
@@ -1677,23 +2193,91 @@ class WireLlmClient(_AgentLlmClient):
             wire, config, cost_estimator, approval, cancel_grace=cancel_grace, sleep=sleep, rng=rng
         )
         self.wire = wire
+        self._conversation_open = False
+        self._occupant: Optional[_Context] = None  # the context the agent process holds
+        self._occupant_generation = -1
+        self._sends_turn_begin = False  # learnt from the peer: then events before it are stale
+
+    def _is_kimi(self) -> bool:
+        return True  # the wire protocol is Kimi CLI's own
+
+    def _open_context(self) -> _Context:
+        with self._lock:
+            if self._conversation_open:
+                raise LlmError(
+                    "this client already has an open conversation: over wire the agent process "
+                    "holds one context. Close that conversation first, or use another client"
+                )
+            self._conversation_open = True
+        return _Context(keep_history=True)
+
+    def _close_context(self, context: _Context) -> None:
+        with self._lock:
+            self._conversation_open = False
+
+    def _check_context_free(self, context: _Context) -> None:
+        if self._conversation_open and not context.keep_history:
+            raise LlmError(
+                "a conversation is open on this client: over wire the agent process holds one "
+                "context, and this prompt would end the conversation's history. Close the "
+                "conversation first, or use another client for one-off prompts"
+            )
+
+    def _generation(self) -> int:
+        start = getattr(self.wire, "start", None)
+        if start is not None:
+            start()
+        return int(getattr(self.wire, "generation", 0))
+
+    def _prepare(self, context: _Context, deadline: float) -> None:
+        generation = self._generation()
+        if self._occupant_generation != generation:  # a new agent process: nothing in it
+            self._occupant, self._occupant_generation = None, generation
+        if context.generation != generation:
+            if context.turns:
+                logger.warning("the agent process was replaced: the conversation's history is lost")
+                context.turns = context.history_tokens = 0
+            context.generation = generation
+        fresh = context.failed or not context.keep_history or context.turns == 0
+        if self._occupant is not None and (self._occupant is not context or fresh):
+            self._discard_stale()
+            if not self._run_clear(context, deadline):
+                self.wire.reset()
+                self._occupant_generation = context.generation = self._generation()
+        self._occupant = context
+        context.failed = False
+        self._discard_stale()
+
+    def _start(self, context: _Context, prompt: PromptText) -> Any:
+        return self.wire.start_prompt(prompt)
+
+    def _send_cancel(self, turn: _Turn) -> None:
+        self.wire.cancel()
 
     def _on_event(self, event: Event, turn: _Turn) -> None:
+        kind = event.type
+        if kind == "TurnBegin":
+            turn.begun = self._sends_turn_begin = True
+            return
+        if self._sends_turn_begin and not turn.begun:
+            return  # sent before this turn began: the remains of an earlier one
         payload = event.payload if isinstance(event.payload, dict) else {}
-        if event.type == "ContentPart":
-            kind = payload.get("type")
-            if kind == "text":
+        if kind == "ContentPart":
+            part = payload.get("type")
+            if part == "text":
                 turn.add_text(str(payload.get("text") or ""))
-            elif kind == "think":
-                turn.thinking.append(str(payload.get("think") or ""))
-        elif event.type == "StatusUpdate":
+            elif part == "think":
+                turn.add_thinking(str(payload.get("think") or ""))
+        elif kind == "ToolCall":
+            function = payload.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            turn.tools.append(str(name or "a tool"))
+        elif kind == "StatusUpdate":
             usage = payload.get("token_usage")
             if isinstance(usage, dict):
-                prompt_tokens = sum(
-                    int(usage.get(key) or 0)
-                    for key in ("input_other", "input_cache_read", "input_cache_creation")
+                turn.add_usage(
+                    sum(_count(usage.get(key)) for key in _WIRE_INPUT_TOKENS), _count(usage.get("output"))
                 )
-                turn.usage = (prompt_tokens, int(usage.get("output") or 0))
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "ApprovalRequest"
@@ -1703,7 +2287,7 @@ class WireLlmClient(_AgentLlmClient):
         request_id = payload.get("id", request.id)
         self.wire.send_response(request.id, {"request_id": request_id, "response": decision or "reject"})
 
-    def _answer_other(self, request: Request) -> None:
+    def _answer_other(self, request: Request, turn: _Turn) -> None:
         payload = request.payload if isinstance(request.payload, dict) else {}
         if request.type == "QuestionRequest":
             self.wire.send_response(request.id, {"request_id": payload.get("id", request.id), "answers": {}})
@@ -1724,9 +2308,7 @@ class WireLlmClient(_AgentLlmClient):
         else:
             self.wire.send_error(request.id, -32601, f"omk_llm does not handle {request.type}")
 
-    def _finish(
-        self, message: Union[SuccessResponse, ErrorResponse], turn: _Turn, prompt_tokens: int
-    ) -> LlmResponse:
+    def _finish(self, message: Union[SuccessResponse, ErrorResponse], turn: _Turn) -> None:
         if isinstance(message, ErrorResponse):
             raise _wire_error(message)
         result = message.result if isinstance(message.result, dict) else {}
@@ -1737,7 +2319,7 @@ class WireLlmClient(_AgentLlmClient):
             )
         if not isinstance(status, str):
             raise ParseError(json.dumps(message.result), "the prompt's answer has no status")
-        return self._response(turn, prompt_tokens, _WIRE_STATUS.get(status, status))
+        turn.finish_reason = _WIRE_STATUS.get(status, status)
 
 
 # ======================================================================================
@@ -1746,9 +2328,10 @@ class WireLlmClient(_AgentLlmClient):
 
 ACP_PROTOCOL_VERSION = 1
 
-# Which permission option kinds answer each approval decision, best first.
+# Which permission option kinds answer each approval decision, best first. "approve" never
+# takes allow_always, which an agent may save to disk for later processes.
 _ACP_OPTION_KINDS = {
-    "approve": ("allow_once", "allow_always"),
+    "approve": ("allow_once",),
     "approve_for_session": ("allow_always", "allow_once"),
     "reject": ("reject_once", "reject_always"),
 }
@@ -1761,13 +2344,15 @@ _ACP_STOP = {
     "max_tokens": "length",
     "refusal": "refusal",
 }
+_ACP_INPUT_TOKENS = ("inputTokens", "cachedReadTokens", "cachedWriteTokens")
+ACP_AUTH_REQUIRED = -32000  # the ACP error code for "authentication required"
 
 
 class AcpStdio(_JsonRpcStdio):
-    """An ACP agent child process (JSON-RPC 2.0 lines on stdin and stdout), with the one
-    session that prompts go to. The session is created on the first prompt, in
-    ``session_cwd`` (default: ``cwd``, else this process's working directory), and again
-    whenever a new child had to be started."""
+    """An ACP agent child process (JSON-RPC 2.0 lines on stdin and stdout). Sessions are
+    opened in ``session_cwd`` (default: ``cwd``, else this process's working directory);
+    ``start_prompt`` without a session id uses one of its own, opened on first use and
+    again whenever a new child had to be started."""
 
     def __init__(
         self,
@@ -1803,15 +2388,17 @@ class AcpStdio(_JsonRpcStdio):
         }
 
     def ensure_session(self) -> str:
-        """The session prompts go to, created now if this child has none."""
+        """The transport's own session, opened now if this child has none."""
         self._live_child()
         if self.session_id is None or self._session_generation != self.generation:
             self.session_id = None
-            self.session_id = self._new_session()
+            self.session_id = self.new_session()
             self._session_generation = self.generation
         return self.session_id
 
-    def _new_session(self) -> str:
+    def new_session(self) -> str:
+        """Open a new session (starting the agent if it is not running) and return its id."""
+        self._live_child()
         cwd = os.path.abspath(self.session_cwd or self.cwd or os.getcwd())
         request_id = self.send_request("session/new", {"cwd": cwd, "mcpServers": []})
         deadline = time.monotonic() + self.startup_timeout
@@ -1831,21 +2418,24 @@ class AcpStdio(_JsonRpcStdio):
                     raise ParseError(json.dumps(message.result), "session/new gave no sessionId")
                 return session_id
 
-    def start_prompt(self, text: str) -> Any:
-        session_id = self.ensure_session()
+    def start_prompt(self, text: PromptText, session_id: Optional[str] = None) -> Any:
+        session = session_id or self.ensure_session()
+        parts = [text] if isinstance(text, str) else text
         return self.send_request(
-            "session/prompt", {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]}
+            "session/prompt", {"sessionId": session, "prompt": [{"type": "text", "text": p} for p in parts]}
         )
 
-    def cancel(self) -> None:
-        if self._child is not None and self.session_id is not None:
-            self.send_notification("session/cancel", {"sessionId": self.session_id})
+    def cancel(self, session_id: Optional[str] = None) -> None:
+        session = session_id or self.session_id
+        if self._child is not None and session is not None:
+            self.send_notification("session/cancel", {"sessionId": session})
 
     def error_for(self, error: ErrorResponse) -> LlmError:
         """The error an ACP JSON-RPC error stands for."""
-        details = error.data.get("details") if isinstance(error.data, dict) else None
+        data = error.data if isinstance(error.data, dict) else {}
+        details = data.get("details") or data.get("error")
         text = f"{error.message} ({details})" if details else error.message
-        if error.code == -32000 or "auth" in error.message.lower():
+        if error.code == ACP_AUTH_REQUIRED:
             return AuthenticationError(f"the agent needs a login: {text}{self._login_hint()}")
         if "session not found" in json.dumps(error.data).lower() + error.message.lower():
             self.session_id = None
@@ -1864,8 +2454,11 @@ class AcpStdio(_JsonRpcStdio):
 class AcpLlmClient(_AgentLlmClient):
     """An ``LlmClient`` over an ``AcpStdio``: the same behaviour as ``WireLlmClient``.
 
-    ACP reports no token usage, so counts come from the cost estimator. Permission
-    requests are answered by ``approval`` through the option of the matching kind.
+    Each ``complete()`` gets a fresh context: Kimi's own ``/clear`` in one session, or a new
+    session for other agents; a conversation is a session of its own, so the client's own
+    prompts go on beside it. Token counts are the agent's when it reports them (the prompt
+    answer's ``usage``, ``usage_update``), else the estimator's. Permission requests are
+    answered by ``approval`` through the option of the matching kind.
     """
 
     def __init__(
@@ -1884,9 +2477,44 @@ class AcpLlmClient(_AgentLlmClient):
         )
         self.acp = transport
 
+    def _is_kimi(self) -> bool:
+        # Kimi's ACP hides provider errors and runs slash commands from prompt text
+        return "kimi" in self.acp.peer_name.lower()
+
+    def _open_context(self) -> _Context:
+        return _Context(keep_history=True)
+
+    def _close_context(self, context: _Context) -> None:
+        pass  # ACP has no way to close a session; the agent keeps it until it exits
+
+    def _prepare(self, context: _Context, deadline: float) -> None:
+        self.acp.start()
+        if context.generation != self.acp.generation:
+            if context.turns:
+                logger.warning("the agent process was replaced: the conversation's history is lost")
+                context.turns = context.history_tokens = 0
+            context.session, context.generation = None, self.acp.generation
+        fresh = context.failed or (context.dirty and (not context.keep_history or context.turns == 0))
+        if context.session is not None and fresh:
+            self._discard_stale()
+            if context.failed or not self._is_kimi() or not self._run_clear(context, deadline):
+                context.session = None  # a failed turn may have broken its session
+        if context.session is None:
+            context.session = self.acp.new_session()
+            context.generation = self.acp.generation
+        if fresh or context.session is None:
+            context.dirty = context.failed = False
+        self._discard_stale()
+
+    def _start(self, context: _Context, prompt: PromptText) -> Any:
+        return self.acp.start_prompt(prompt, context.session)
+
+    def _send_cancel(self, turn: _Turn) -> None:
+        self.acp.cancel(turn.context.session)
+
     def _on_event(self, event: Event, turn: _Turn) -> None:
         payload = event.payload if isinstance(event.payload, dict) else {}
-        if event.type != "session/update" or payload.get("sessionId") != self.acp.session_id:
+        if event.type != "session/update" or payload.get("sessionId") != turn.context.session:
             return
         update = payload.get("update")
         if not isinstance(update, dict):
@@ -1902,7 +2530,12 @@ class AcpLlmClient(_AgentLlmClient):
                 if kind == "agent_message_chunk":
                     turn.add_text(chunk)
                 else:
-                    turn.thinking.append(chunk)
+                    turn.add_thinking(chunk)
+        elif kind == "tool_call":
+            turn.tools.append(str(update.get("title") or update.get("kind") or "a tool"))
+        elif kind == "usage_update":
+            turn.context_used = max(turn.context_used, _count(update.get("used")))
+            turn.check_budget(turn.context_used)
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "session/request_permission"
@@ -1912,19 +2545,15 @@ class AcpLlmClient(_AgentLlmClient):
         if decision is not None:
             payload = request.payload if isinstance(request.payload, dict) else {}
             options = [o for o in payload.get("options") or [] if isinstance(o, dict)]
-            for kind in _ACP_OPTION_KINDS[decision]:
-                chosen = next((o for o in options if o.get("kind") == kind), None)
-                if chosen is not None:
-                    outcome = {"outcome": "selected", "optionId": chosen.get("optionId")}
-                    break
+            chosen = _acp_option(options, decision)
+            if chosen is not None:
+                outcome = {"outcome": "selected", "optionId": chosen.get("optionId")}
         self.acp.send_response(request.id, {"outcome": outcome})
 
-    def _answer_other(self, request: Request) -> None:
+    def _answer_other(self, request: Request, turn: _Turn) -> None:
         self.acp.send_error(request.id, -32601, f"omk_llm does not offer {request.type}")
 
-    def _finish(
-        self, message: Union[SuccessResponse, ErrorResponse], turn: _Turn, prompt_tokens: int
-    ) -> LlmResponse:
+    def _finish(self, message: Union[SuccessResponse, ErrorResponse], turn: _Turn) -> None:
         if isinstance(message, ErrorResponse):
             raise self.acp.error_for(message)
         result = message.result if isinstance(message.result, dict) else {}
@@ -1933,15 +2562,35 @@ class AcpLlmClient(_AgentLlmClient):
             raise TurnCancelledError("the agent reports the turn as cancelled (by another client)")
         if not isinstance(reason, str):
             raise ParseError(json.dumps(message.result), "the prompt's answer has no stopReason")
-        if reason == "end_turn" and not turn.text and turn.updates == 0:
-            # Kimi keeps the failed prompt in the session's history and fails every later
-            # prompt there too: a retry gets a fresh session.
-            self.acp.session_id = None
+        usage = result.get("usage")
+        if isinstance(usage, dict):
+            turn.usage = [sum(_count(usage.get(key)) for key in _ACP_INPUT_TOKENS), _count(usage.get("outputTokens"))]
+        elif turn.context_used:
+            # usage_update only says how full the context is: the prompt's share of that
+            estimated_prompt, completion = self._tokens(turn)
+            turn.usage = [max(estimated_prompt, turn.context_used - completion), completion]
+        if reason == "end_turn" and not turn.text and turn.updates == 0 and self._is_kimi():
             raise TransientNetworkError(
                 "the agent ended the turn with no answer and no update: it most likely hid a "
                 "provider error (Kimi logs it under $KIMI_SHARE_DIR/logs, by default ~/.kimi/logs)"
             )
-        return self._response(turn, prompt_tokens, _ACP_STOP.get(reason, reason))
+        turn.finish_reason = _ACP_STOP.get(reason, reason)
+
+
+def _acp_option(options: List[Dict[str, Any]], decision: str) -> Optional[Dict[str, Any]]:
+    """The permission option for an approval decision. ``approve_for_session`` takes
+    ``allow_always`` only when the agent names it as lasting for the session: otherwise the
+    agent may save it for later processes, so the approval is given once."""
+    by_kind: Dict[Any, Dict[str, Any]] = {}
+    for option in options:
+        by_kind.setdefault(option.get("kind"), option)
+    kinds = _ACP_OPTION_KINDS[decision]
+    if decision == "approve_for_session":
+        always = by_kind.get("allow_always")
+        if always is None or "session" not in str(always.get("name", "")).lower():
+            logger.info("the agent offers no approval scoped to the session; approving once")
+            kinds = ("allow_once",)
+    return next((by_kind[kind] for kind in kinds if kind in by_kind), None)
 
 
 # ======================================================================================

@@ -148,6 +148,7 @@ def acp_client(*options: str, **kwargs: Any) -> Iterator[AcpLlmClient]:
         client.close()
 
 
+AS_KIMI = ("--agent-name", "Kimi Code CLI")  # the fake peer, saying it is Kimi
 PROTOCOLS = ["wire", "acp"]
 CLIENTS: dict = {"wire": WireLlmClient, "acp": AcpLlmClient}
 STATUS = {
@@ -809,11 +810,15 @@ class ReplayWire:
         self.queue = [omk_llm.parse_message(m) for m in messages[start : end + 1]]
         self.prompt_id = prompt_id
         self.responses: List[Any] = []
+        self.prompts: List[Any] = []
 
-    def start_prompt(self, text: str) -> Any:
+    def start_prompt(self, text: Any) -> Any:
+        self.prompts.append(text)
         return self.prompt_id
 
     def read_message(self, timeout: float) -> omk_llm.WireMessage:
+        if not self.prompts or not self.queue:
+            raise LlmTimeoutError(timeout)  # the peer says nothing before a prompt, or after
         message = self.queue.pop(0)
         assert message is not None
         return message
@@ -1170,12 +1175,12 @@ def test_a_peer_that_will_not_settle_after_cancel_is_ended_and_replaced(protocol
 
 
 def test_a_timeout_is_retried_by_the_policy(protocol: str) -> None:
-    calls: List[int] = []
+    calls: List[Any] = []
     with agent_client(protocol, config=config(timeout=0.3)) as client:
-        client.transport.start_prompt = _counting(client.transport.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
+        client.transport.start_prompt = _recording(client.transport.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
         with pytest.raises(LlmTimeoutError):
             client.complete("stall", budget())
-    assert len(calls) == 1 + FAST_RETRY.max_retries
+    assert [call for call in calls if call != "/clear"] == ["stall"] * (1 + FAST_RETRY.max_retries)
 
 
 def test_the_retry_deadline_bounds_the_whole_call_attempts_included() -> None:
@@ -1232,21 +1237,22 @@ def test_the_step_limit_finishes_with_max_steps(protocol: str) -> None:
     ],
 )
 def test_error_codes_map_to_the_spec_errors(code: int, message: str, error: type) -> None:
-    calls: List[int] = []
+    calls: List[Any] = []
     with wire_client(config=config(retry=RetryPolicy(max_retries=1, base_delay=0, max_delay=0))) as client:
-        client.wire.start_prompt = _counting(client.wire.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
+        client.wire.start_prompt = _recording(client.wire.start_prompt, calls)  # type: ignore[attr-defined,method-assign]
         with pytest.raises(error) as caught:
             client.complete(f"error: {code} {message}", budget())
     assert type(caught.value) is error
-    assert len(calls) == (2 if is_retryable(caught.value) else 1)
+    prompts = [call for call in calls if call != "/clear"]
+    assert len(prompts) == (2 if is_retryable(caught.value) else 1)
 
 
-def _counting(function: Callable[..., Any], calls: List[int]) -> Callable[..., Any]:
-    def wrapped(*args: Any) -> Any:
-        calls.append(1)
-        return function(*args)
+def _recording(function: Callable[..., Any], calls: List[Any]) -> Callable[..., Any]:
+    def wrapper(prompt: Any, *args: Any) -> Any:
+        calls.append(prompt)
+        return function(prompt, *args)
 
-    return wrapped
+    return wrapper
 
 
 def test_rate_limit_retry_after_is_read_from_the_message() -> None:
@@ -1325,14 +1331,20 @@ def test_a_callback_that_raises_ends_the_turn_and_the_next_prompt_is_clean(proto
 # ======================================================================================
 
 
-def test_acp_prompts_go_to_one_session_created_on_first_use(tmp_path: Path) -> None:
+def test_acp_prompts_to_another_agent_each_get_a_new_session_in_session_cwd(tmp_path: Path) -> None:
     transport = fake_acp(session_cwd=str(tmp_path))
     with AcpLlmClient(transport, config()) as client:
-        assert transport.session_id is None
-        client.complete("text: one", budget())
-        session = transport.session_id
-        client.complete("text: two", budget())
-        assert session == transport.session_id == "s-1"
+        first = client.complete("text: one\nhistory", budget()).content
+        second = client.complete("text: two\nhistory", budget()).content
+        assert (first, second) == ("one[]", "two[]")
+        assert transport.pid is not None and client._context.session == "s-2"
+
+
+def test_acp_prompts_to_kimi_share_one_session_cleared_by_its_own_command() -> None:
+    with acp_client(*AS_KIMI) as client:
+        answers = [client.complete(f"text: {n}\nhistory", budget()).content for n in ("one", "two")]
+        assert answers == ["one[]", "two[]"]
+        assert client._context.session == "s-1"
 
 
 def test_acp_permission_with_no_matching_option_kind_is_answered_cancelled() -> None:
@@ -1365,21 +1377,27 @@ def test_acp_other_agent_requests_get_an_error_and_the_turn_goes_on() -> None:
     assert response.content.endswith("done")
 
 
-def test_acp_a_turn_with_no_update_at_all_is_a_hidden_provider_error() -> None:
+def test_acp_kimi_ending_a_turn_with_no_update_at_all_is_a_hidden_provider_error() -> None:
     with (
-        acp_client(config=config(retry=NO_RETRY)) as client,
+        acp_client(*AS_KIMI, config=config(retry=NO_RETRY)) as client,
         pytest.raises(TransientNetworkError, match="hid"),
     ):
         client.complete("nothing", budget())
 
 
+def test_acp_another_agent_ending_a_turn_with_no_update_gives_an_empty_answer() -> None:
+    with acp_client(config=config(retry=NO_RETRY)) as client:
+        response = client.complete("nothing", budget())
+    assert (response.content, response.finish_reason) == ("", "stop")
+
+
 def test_acp_a_retry_after_a_hidden_provider_error_opens_a_new_session() -> None:
-    with acp_client() as client:
+    with acp_client(*AS_KIMI) as client:
         with pytest.raises(TransientNetworkError):
             client.complete("nothing", budget())
         assert client.complete("text: fresh", budget()).content == "fresh"
         # one session per attempt, then one for the next prompt
-        assert client.acp.session_id == f"s-{1 + FAST_RETRY.max_retries + 1}"
+        assert client._context.session == f"s-{1 + FAST_RETRY.max_retries + 1}"
 
 
 def test_acp_a_turn_with_updates_but_no_text_is_an_empty_answer() -> None:
@@ -1395,10 +1413,10 @@ def test_acp_authentication_required_is_an_authentication_error_with_the_agents_
 
 
 def test_acp_a_lost_session_is_replaced_on_retry() -> None:
-    with acp_client() as client:
+    with acp_client(*AS_KIMI) as client:
         client.complete("text: first\nforget", budget())
         assert client.complete("text: second", budget()).content == "second"
-        assert client.acp.session_id == "s-2"
+        assert client._context.session == "s-2"
 
 
 def test_acp_a_new_child_gets_a_new_session() -> None:

@@ -18,10 +18,24 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     grandchild       start a long sleep in the background and say its pid
     nothing          end without a single update (ACP: a hidden provider error)
     forget           (ACP) lose the session, as an agent restarted behind a proxy would
+    history          say (as JSON) the earlier prompts this context holds, as the model got them
+    tool: NAME       start a tool call (wire ToolCall, ACP tool_call)
+    late: X          a text chunk sent just after the prompt's answer (as opencode does)
+    acp-usage: {...} (ACP) the prompt answer's usage
+    context: N       (ACP) a usage_update saying N tokens are in the context
+
+Like Kimi, it keeps a history per context (the process over wire, each session over ACP)
+and runs a prompt as a slash command when its text parts, joined with a space and
+trimmed, start with /name and then white space or the end: /clear empties the history,
+/yolo approves every later request itself, others are unknown. The model gets the parts
+joined as they are.
 
 Options: --acp, --old (wire: answer -32601 to initialize), --banner TEXT (print it and
 exit 0, like kimi-cli 1.52.0's ``kimi`` script), --silent (never answer initialize),
---exit-after N (exit after N prompts), --startup-delay S, --auth-required (ACP).
+--exit-after N (exit after N prompts), --startup-delay S, --auth-required (ACP),
+--agent-name NAME (what initialize says the agent is; "Kimi Code CLI" acts as Kimi),
+--persistent-always (ACP: name the allow_always option "Always allow", as agents that
+save it do).
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -62,6 +77,8 @@ class Peer:
         self.request_ids = iter(range(10**9))
         self.sessions = 0
         self.session: Optional[str] = None
+        self.histories: dict = {}  # context (session id, or None over wire) -> earlier prompts
+        self.yolo = False
 
     # -- output in the protocol's shape --
 
@@ -92,13 +109,10 @@ class Peer:
         if self.acp:
             request_id: Any = next(self.request_ids)
             if kind == "permission":
+                always = "Always allow" if self.opts.persistent_always else "Approve for this session"
                 options = [
                     {"kind": "allow_once", "name": "Approve once", "optionId": "approve"},
-                    {
-                        "kind": "allow_always",
-                        "name": "Approve for this session",
-                        "optionId": "approve_for_session",
-                    },
+                    {"kind": "allow_always", "name": always, "optionId": "approve_for_session"},
                     {"kind": "reject_once", "name": "Reject", "optionId": "reject"},
                 ]
                 params = {"sessionId": self.session, "options": options, "toolCall": {"toolCallId": "tc-1"}}
@@ -139,18 +153,26 @@ class Peer:
         emit({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message, "data": None}})
 
     def end(self, request_id: Any, status: str) -> None:
+        late = [self.text_event(text) for text in self.late]
         if self.acp:
             acp_status = {"finished": "end_turn"}.get(status, status)
-            self.respond(request_id, {"stopReason": acp_status})
+            result: dict = {"stopReason": acp_status}
+            if self.acp_usage is not None:
+                result["usage"] = self.acp_usage
+            answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
         else:
             emit(self.event("TurnEnd", {}))
-            self.respond(request_id, {"status": status})
+            answer = {"jsonrpc": "2.0", "id": request_id, "result": {"status": status}}
+        # the answer and what comes late after it in one write, as a fast agent would
+        write_raw(b"".join(json.dumps(m, ensure_ascii=False).encode() + b"\n" for m in [answer, *late]))
 
     # -- the turn --
 
-    def run_turn(self, request_id: Any, script: str) -> None:
+    def run_turn(self, request_id: Any, parts: list) -> None:
+        self.late: list = []
+        self.acp_usage: Any = None
         try:
-            status = self.play(script)
+            status = self.dispatch(parts)
         except Exception as err:  # a broken script is a test bug: say so loudly
             sys.stderr.write(f"fake peer: {err!r}\n")
             status = "error: -32603 fake peer broke"
@@ -164,9 +186,30 @@ class Peer:
         if self.opts.exit_after and self.prompts >= self.opts.exit_after:
             os._exit(0)
 
-    def play(self, script: str) -> str:
+    def dispatch(self, parts: list) -> str:
+        """A slash command, as Kimi finds one, or a prompt for the model."""
         if not self.acp:
-            emit(self.event("TurnBegin", {"user_input": script}))
+            emit(self.event("TurnBegin", {"user_input": parts}))
+        history = self.histories.setdefault(self.session if self.acp else None, [])
+        command = re.match(r"^/([a-zA-Z0-9_-]+)(\s|$)", " ".join(parts).strip())
+        if command:
+            name = command.group(1)
+            if name == "clear":
+                history.clear()
+                emit(self.text_event("The context has been cleared."))
+            elif name == "yolo":
+                self.yolo = True
+                emit(self.text_event("You only live once! All actions will be auto-approved."))
+            else:
+                emit(self.text_event(f'Unknown slash command "/{name}".'))
+            return "finished"
+        script = "".join(parts)
+        earlier = list(history)
+        history.append(script)
+        return self.play(script, earlier)
+
+    def play(self, script: str, history: list) -> str:
+        if not self.acp:
             emit(self.event("StepBegin", {"n": 1}))
         for line in script.splitlines():
             command, _, arg = line.partition(":")
@@ -187,11 +230,11 @@ class Peer:
                 time.sleep(3600)
             elif command == "flood":
                 while not self.cancelled.is_set():
-                    emit(self.text_event("x" * 100))
+                    emit(self.text_event("flood text " * 9))
                 return "cancelled"
             elif command == "flood-deaf":
                 while True:
-                    emit(self.text_event("x" * 100))
+                    emit(self.text_event("flood text " * 9))
             elif command == "events":
                 count, size = (int(word) for word in arg.split())
                 lorem = "lorem ipsum dolor sit amet, consectetur adipiscing elit "
@@ -234,6 +277,22 @@ class Peer:
                     err.write(line_bytes)
                 err.write(b"the last stderr line\n")
                 err.flush()
+            elif command == "history":
+                emit(self.text_event(json.dumps(history)))
+            elif command == "tool":
+                if self.acp:
+                    emit(self.event("", {"sessionUpdate": "tool_call", "toolCallId": "tc-1", "title": arg}))
+                else:
+                    function = {"name": arg, "arguments": "{}"}
+                    emit(self.event("ToolCall", {"type": "function", "id": "tc-1", "function": function}))
+            elif command == "late":
+                self.late.append(arg)
+            elif command == "acp-usage":
+                self.acp_usage = json.loads(arg)
+            elif command == "context":
+                emit(self.event("", {"sessionUpdate": "usage_update", "used": int(arg), "size": 100000}))
+            elif command == "request" and self.yolo:
+                emit(self.text_event(f"answered {arg}: yolo"))
             elif command == "request":
                 request_id = self.request(arg)
                 while True:
@@ -280,13 +339,19 @@ class Peer:
                     request_id,
                     {
                         "protocolVersion": 1,
-                        "agentInfo": {"name": "fake", "version": "0"},
+                        "agentInfo": {"name": self.opts.agent_name, "version": "0"},
                         "authMethods": [{"id": "login", "name": "Login", "description": "run fake login"}],
                     },
                 )
             else:
+                commands = [{"name": "clear", "description": "Clear the context", "aliases": ["reset"]}]
                 self.respond(
-                    request_id, {"protocol_version": "1.10", "server": {"name": "fake", "version": "0"}}
+                    request_id,
+                    {
+                        "protocol_version": "1.10",
+                        "server": {"name": self.opts.agent_name, "version": "0"},
+                        "slash_commands": commands,
+                    },
                 )
         elif method == "session/new":
             if self.opts.auth_required:
@@ -315,11 +380,12 @@ class Peer:
                         }
                     )
                     return
-                script = params["prompt"][0]["text"]
+                parts = [block["text"] for block in params["prompt"] if block.get("type") == "text"]
             else:
-                script = params["user_input"]
+                user_input = params["user_input"]
+                parts = [user_input] if isinstance(user_input, str) else [p["text"] for p in user_input]
             self.cancelled.clear()
-            self.turn = threading.Thread(target=self.run_turn, args=(request_id, script), daemon=True)
+            self.turn = threading.Thread(target=self.run_turn, args=(request_id, parts), daemon=True)
             self.turn.start()
         elif method == "cancel":
             if self.turn is None:
@@ -342,6 +408,8 @@ def main() -> None:
     parser.add_argument("--exit-after", type=int, default=0)
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--auth-required", action="store_true")
+    parser.add_argument("--agent-name", default="fake")
+    parser.add_argument("--persistent-always", action="store_true")
     opts = parser.parse_args()
     if opts.banner:
         print(opts.banner)
