@@ -1327,6 +1327,363 @@ def test_a_callback_that_raises_ends_the_turn_and_the_next_prompt_is_clean(proto
 
 
 # ======================================================================================
+# Agent state: a fresh context per prompt, conversations, prompt text that is only text
+# ======================================================================================
+
+PROVIDER_ERROR = {"wire": "error: -32003 upstream 502", "acp": "error: -32603 upstream 502"}
+# Each protocol's way to a fresh context: wire and Kimi over ACP clear, other ACP agents
+# get a new session.
+AGENT_SHAPES = [("wire", ()), ("acp", ()), ("acp", AS_KIMI)]
+SHAPE_IDS = ["wire", "acp", "acp-kimi"]
+
+
+@pytest.fixture(params=AGENT_SHAPES, ids=SHAPE_IDS)
+def shape(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+def history(response: LlmResponse) -> List[str]:
+    """What the fake peer's `history` script command said the context held."""
+    return list(json.loads(response.content[response.content.index("[") :]))
+
+
+def test_each_prompt_gets_a_fresh_context(shape: Any) -> None:
+    protocol, options = shape
+    with agent_client(protocol, *options) as client:
+        client.complete("text: one", budget())
+        client.complete("text: two", budget())
+        assert history(client.complete("history", budget())) == []
+
+
+def test_a_failed_prompt_does_not_reach_the_next_one(shape: Any) -> None:
+    protocol, options = shape
+    with agent_client(protocol, "--fail-first", "1", *options, config=config(retry=NO_RETRY)) as client:
+        with pytest.raises(TransientNetworkError):
+            client.complete("text: failed", budget())
+        assert history(client.complete("history", budget())) == []
+
+
+def test_a_retry_never_sends_the_prompt_into_a_context_that_holds_it(shape: Any) -> None:
+    protocol, options = shape
+    with agent_client(protocol, "--fail-first", "1", *options) as client:
+        # the first attempt fails and stays in the agent's history; the retry must not see it
+        assert history(client.complete("history", budget())) == []
+
+
+def test_a_timed_out_prompt_never_reaches_the_next_one(shape: Any) -> None:
+    protocol, options = shape
+    with agent_client(protocol, *options, config=config(timeout=0.3, retry=NO_RETRY)) as client:
+        with pytest.raises(LlmTimeoutError):
+            client.complete("text: too slow\nstall", budget())
+        assert history(client.complete("history", budget())) == []
+        assert client.transport.generation == 1  # cancelled and drained, not restarted
+
+
+COMMAND_LIKE = ["/yolo", "  /yolo", "/yolo please", "/clear", "/etc is not a command either"]
+
+
+@pytest.mark.parametrize("text", COMMAND_LIKE)
+def test_prompt_text_that_looks_like_a_command_reaches_the_model_as_text(shape: Any, text: str) -> None:
+    protocol, options = shape
+    prompt = text + "\ntext: heard"  # still a command by Kimi's rule; the model answers it
+    with agent_client(protocol, *options) as client, client.conversation() as chat:
+        assert chat.complete(prompt, budget()).content == "heard"
+        said = history(chat.complete("history", budget()))
+    # Kimi gets the very text; other ACP agents a zero-width space in front of it
+    assert said == [prompt if protocol == "wire" or options else "\u200b" + prompt]
+
+
+def test_a_prompt_cannot_switch_the_agents_approvals_off(protocol: str) -> None:
+    with agent_client(protocol) as client:
+        client.complete("/yolo", budget())
+        response = client.complete(ASK_APPROVAL[protocol], budget())
+    assert APPROVAL_ANSWER[protocol].format("reject") in response.content
+
+
+def test_text_that_is_not_a_command_is_sent_unchanged(protocol: str) -> None:
+    sent: List[Any] = []
+    with agent_client(protocol) as client:
+        client.transport.start_prompt = _recording(client.transport.start_prompt, sent)  # type: ignore[attr-defined,method-assign]
+        client.complete("/usr/bin/python crashed", budget())
+        client.complete_with_system("/yolo", "text: hi", budget())
+    assert [p for p in sent if p != "/clear"] == ["/usr/bin/python crashed", system_prompt("/yolo", "text: hi")]
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [("/yolo", True), ("  /clear", True), ("/plan on", True), ("/usr/bin/python", False), ("yolo", False)],
+)
+def test_is_agent_command_follows_kimis_rule(text: str, command: bool) -> None:
+    assert omk_llm.is_agent_command(text) is command
+
+
+def test_an_agent_command_runs_only_when_asked_for(protocol: str) -> None:
+    with agent_client(protocol) as client:
+        assert "only live once" in client.command("/yolo").content
+        response = client.complete(ASK_APPROVAL[protocol], budget())
+    assert "yolo" in response.content  # the agent approved it itself: no request came
+
+
+def test_command_refuses_text_that_is_not_a_command() -> None:
+    with wire_client() as client, pytest.raises(InvalidPromptError, match="complete"):
+        client.command("please compact")
+
+
+def test_a_conversation_keeps_its_history(shape: Any) -> None:
+    protocol, options = shape
+    with agent_client(protocol, *options) as client:
+        with client.conversation() as chat:
+            chat.complete("text: one", budget())
+            assert history(chat.complete("history", budget())) == ["text: one"]
+            assert chat.turns == 2
+        assert history(client.complete("history", budget())) == []
+
+
+def test_a_conversation_satisfies_the_llm_client_protocol() -> None:
+    with wire_client() as client, client.conversation() as chat:
+        speaker: omk_llm.LlmClient = chat
+        assert speaker.complete("text: hi", budget()).content == "hi"
+
+
+def test_a_failed_conversation_turn_is_not_retried_and_its_history_is_dropped(shape: Any) -> None:
+    protocol, options = shape
+    sent: List[Any] = []
+    with agent_client(protocol, *options) as client, client.conversation() as chat:
+        chat.complete("text: one", budget())
+        client.transport.start_prompt = _recording(client.transport.start_prompt, sent)  # type: ignore[attr-defined,method-assign]
+        client.transport.send_request("ignored", {})  # a no-op, so the peer's fail counter is ours
+        with pytest.raises(TransientNetworkError, match="history of 1 turn") as caught:
+            chat.complete(PROVIDER_ERROR[protocol], budget())
+        assert "not retried" in str(caught.value)
+        assert chat.turns == 0
+        assert history(chat.complete("history", budget())) == []
+    assert [p for p in sent if p != "/clear"] == [PROVIDER_ERROR[protocol], "history"]
+
+
+def test_a_conversations_first_turn_is_retried_on_a_fresh_context(shape: Any) -> None:
+    protocol, options = shape
+    with agent_client(protocol, "--fail-first", "1", *options) as client, client.conversation() as chat:
+        assert history(chat.complete("history", budget())) == []
+        assert history(chat.complete("history", budget())) == ["history"]
+
+
+def test_over_wire_a_conversation_holds_the_agent_so_other_prompts_are_refused() -> None:
+    with wire_client() as client:
+        with client.conversation():
+            with pytest.raises(LlmError, match="conversation"):
+                client.complete("text: hi", budget())
+            with pytest.raises(LlmError, match="already has an open conversation"):
+                client.conversation()
+        assert client.complete("text: after", budget()).content == "after"
+
+
+def test_over_acp_a_conversation_is_a_session_beside_the_clients_own_prompts() -> None:
+    with acp_client(*AS_KIMI) as client, client.conversation() as chat:
+        chat.complete("text: in the conversation", budget())
+        assert history(client.complete("history", budget())) == []
+        assert history(chat.complete("history", budget())) == ["text: in the conversation"]
+        assert chat.session_id is not None and chat.session_id != client._context.session
+
+
+def test_a_closed_conversation_refuses_further_turns() -> None:
+    with wire_client() as client:
+        chat = client.conversation()
+        chat.close()
+        with pytest.raises(LlmError, match="closed"):
+            chat.complete("text: hi", budget())
+
+
+def test_a_conversations_budget_check_counts_what_its_history_costs() -> None:
+    with wire_client() as client, client.conversation() as chat:
+        chat.complete('text: hi\nusage: {"input_other": 990, "output": 50}', budget())
+        small = TokenBudget(2000)  # the next prompt alone fits; with the history's 1040 it does not
+        small.record_usage(1000)
+        with pytest.raises(BudgetExhaustedError):
+            chat.complete("text: again", small)
+        assert small.used_tokens == 1000  # refused before sending
+
+
+def test_acp_approve_for_session_never_picks_an_option_the_agent_may_save() -> None:
+    with acp_client("--persistent-always", approval="approve_for_session") as client:
+        response = client.complete(ASK_APPROVAL["acp"], budget())
+    assert APPROVAL_ANSWER["acp"].format("approve") in response.content
+
+
+def test_acp_reported_usage_on_the_prompt_answer_is_used() -> None:
+    b = budget()
+    with acp_client() as client:
+        response = client.complete(
+            'text: hi\nacp-usage: {"inputTokens": 40, "cachedReadTokens": 2, "outputTokens": 5, "totalTokens": 47}',
+            b,
+        )
+    assert (response.prompt_tokens, response.completion_tokens, b.used_tokens) == (42, 5, 47)
+
+
+def test_acp_usage_update_stands_for_the_prompt_tokens() -> None:
+    with acp_client() as client:
+        response = client.complete("text: hi\ncontext: 5000", budget())
+    assert response.prompt_tokens > 4000
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "error"),
+    [(-32000, "Authentication required", AuthenticationError), (-32603, "oauth token bad", TransientNetworkError)],
+)
+def test_acp_authentication_errors_are_told_by_their_code_not_their_words(
+    code: int, message: str, error: type
+) -> None:
+    with acp_client(config=config(retry=NO_RETRY)) as client, pytest.raises(error):
+        client.complete(f"error: {code} {message}", budget())
+
+
+# ======================================================================================
+# Turn control: an agent acts
+# ======================================================================================
+
+
+def test_a_failure_after_a_tool_call_is_not_retried_and_says_why(protocol: str) -> None:
+    sent: List[Any] = []
+    with agent_client(protocol) as client:
+        client.transport.start_prompt = _recording(client.transport.start_prompt, sent)  # type: ignore[attr-defined,method-assign]
+        with pytest.raises(TransientNetworkError, match="not retried") as caught:
+            client.complete("tool: Shell\n" + PROVIDER_ERROR[protocol], budget())
+    assert caught.value.effects == omk_llm.TurnEffects(tools=("Shell",))
+    assert [p for p in sent if p != "/clear"] == ["tool: Shell\n" + PROVIDER_ERROR[protocol]]
+
+
+def test_retry_after_effects_opts_back_in_to_retrying_a_turn_that_acted(protocol: str) -> None:
+    policy = RetryPolicy(max_retries=1, base_delay=0, max_delay=0, retry_after_effects=True)
+    with agent_client(protocol, "--fail-first", "1", config=config(retry=policy)) as client:
+        assert client.complete("tool: Shell\ntext: done", budget()).content == "done"
+
+
+def test_a_failure_after_streaming_to_on_text_is_not_retried(protocol: str) -> None:
+    seen: List[str] = []
+    with agent_client(protocol, "--fail-first", "1") as client:
+        with pytest.raises(TransientNetworkError) as caught:
+            client.complete("text: partial", budget(), on_text=seen.append)
+    assert seen == ["partial"]
+    assert caught.value.effects is not None and caught.value.effects.streamed == "partial"
+
+
+def test_a_failure_with_nothing_streamed_is_retried(protocol: str) -> None:
+    with agent_client(protocol, "--fail-first", "1") as client:
+        assert client.complete("text: whole", budget()).content == "whole"
+
+
+def test_a_failure_after_an_approval_was_granted_is_not_retried(protocol: str) -> None:
+    with agent_client(protocol, approval="approve") as client, pytest.raises(TransientNetworkError) as caught:
+        client.complete(ASK_APPROVAL[protocol] + "\n" + PROVIDER_ERROR[protocol], budget())
+    assert caught.value.effects is not None and caught.value.effects.approvals == 1
+
+
+def test_cancel_from_another_thread_ends_the_turn_and_keeps_the_agent(protocol: str) -> None:
+    with agent_client(protocol) as client:
+        client.complete("text: warm up", budget())
+        pid = client.transport.pid
+        timer = threading.Timer(0.3, client.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(TurnCancelledError, match="cancel()"):
+            client.complete("text: begun\nstall", budget())
+        assert time.monotonic() - started < 2.0
+        assert client.complete("history", budget()).content == "[]"
+        assert client.transport.pid == pid
+
+
+def test_cancel_from_on_text_ends_the_turn(protocol: str) -> None:
+    with agent_client(protocol) as client, pytest.raises(TurnCancelledError):
+        client.complete("text: a\nstall", budget(), on_text=lambda chunk: client.cancel())
+
+
+def test_cancel_with_no_turn_running_does_nothing(protocol: str) -> None:
+    with agent_client(protocol) as client:
+        client.cancel()
+        assert client.complete("text: still fine", budget()).content == "still fine"
+
+
+def test_a_conversation_cancel_ends_only_its_own_turn() -> None:
+    with acp_client() as client, client.conversation() as chat:
+        chat.cancel()  # nothing runs: nothing happens
+        threading.Timer(0.3, chat.cancel).start()
+        with pytest.raises(TurnCancelledError):
+            chat.complete("stall", budget())
+        assert chat.complete("text: next", budget()).content == "next"
+
+
+def test_the_mock_cancel_ends_a_call_inside_its_on_text() -> None:
+    mock = MockLlmClient(["streamed", "quiet"])
+    with pytest.raises(TurnCancelledError):
+        mock.complete("p", budget(), on_text=lambda chunk: mock.cancel())
+    mock.cancel()
+    assert mock.complete("p", budget()).content == "quiet"
+
+
+def test_a_turns_usage_is_the_sum_of_its_steps() -> None:
+    b = budget()
+    with wire_client() as client:
+        response = client.complete(
+            'usage: {"input_other": 100, "output": 10}\ntext: done\nusage: {"input_other": 200, "output": 20}', b
+        )
+    assert (response.prompt_tokens, response.completion_tokens, b.used_tokens) == (300, 30, 330)
+
+
+def test_every_attempts_reported_usage_is_recorded() -> None:
+    b = budget()
+    with wire_client("--fail-first", "1") as client:
+        client.complete('usage: {"input_other": 500, "output": 20}\ntext: ok', b)
+    assert b.used_tokens == 1040
+
+
+def test_a_turn_whose_reported_usage_passes_the_budget_is_cancelled_with_its_partial_answer() -> None:
+    b = TokenBudget(1000)
+    with wire_client() as client:
+        started = time.monotonic()
+        with pytest.raises(BudgetExhaustedError) as caught:
+            client.complete(
+                'usage: {"input_other": 300, "output": 0}\ntext: partial\n'
+                'usage: {"input_other": 700, "output": 100}\nsleep: 8\ntext: never',
+                b,
+            )
+        assert time.monotonic() - started < 2.0
+        assert caught.value.partial is not None and caught.value.partial.content == "partial"
+        assert b.used_tokens == 1100
+        assert client.complete("text: next", budget()).content == "next"
+
+
+def test_acp_a_usage_update_past_the_budget_cancels_the_turn() -> None:
+    with acp_client() as client, pytest.raises(BudgetExhaustedError):
+        client.complete("text: partial\ncontext: 5000\nsleep: 8", TokenBudget(1000))
+
+
+def test_output_after_a_turns_answer_never_reaches_the_next_turn(shape: Any) -> None:
+    protocol, options = shape
+    with agent_client(protocol, *options) as client:
+        client.complete("text: one\nlate: LATE", budget())
+        assert client.complete("text: two", budget()).content == "two"
+        with client.conversation() as chat:
+            chat.complete("text: three\nlate: LATE", budget())
+            assert chat.complete("text: four", budget()).content == "four"
+
+
+def test_a_call_from_inside_its_own_callback_is_refused_not_a_deadlock(protocol: str) -> None:
+    with agent_client(protocol) as client:
+
+        def nested(chunk: str) -> None:
+            client.complete("text: nested", budget())
+
+        with pytest.raises(LlmError, match="inside its own callback"):
+            client.complete("text: outer", budget(), on_text=nested)
+        assert client.complete("text: after", budget()).content == "after"
+
+
+def test_transports_say_they_need_posix_on_windows() -> None:
+    with pytest.raises(LlmError, match="POSIX"):
+        omk_llm._require_posix("StdioWire", os_name="nt")
+    omk_llm._require_posix("StdioWire", os_name="posix")
+
+
+# ======================================================================================
 # The ACP client against scripted fake peers
 # ======================================================================================
 
@@ -1565,14 +1922,10 @@ def test_real_peer_timeout_with_a_pending_permission_then_a_clean_prompt(
         time.sleep(2.0)
         return "approve"
 
-    client = real_peer(
-        scripts=[tool_call(f"touch {marker}"), "text: clean"],
-        approval=too_slow,
-        config=config(timeout=1.0, retry=NO_RETRY),
-    )
+    client = real_peer(approval=too_slow, config=config(timeout=1.0, retry=NO_RETRY))
     with pytest.raises(LlmTimeoutError):
-        client.complete("please run it", budget())
-    assert client.complete("next", budget()).content == "clean"
+        client.complete(tool_call(f"touch {marker}"), budget())
+    assert client.complete("text: clean", budget()).content == "clean"
     assert not marker.exists()
     assert client.transport.generation == 1  # cancelled and drained, not killed
 

@@ -35,7 +35,7 @@ exit 0, like kimi-cli 1.52.0's ``kimi`` script), --silent (never answer initiali
 --exit-after N (exit after N prompts), --startup-delay S, --auth-required (ACP),
 --agent-name NAME (what initialize says the agent is; "Kimi Code CLI" acts as Kimi),
 --persistent-always (ACP: name the allow_always option "Always allow", as agents that
-save it do).
+save it do), --fail-first N (the first N prompts play, then fail with a provider error).
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ class Peer:
         self.prompts = 0
         self.request_ids = iter(range(10**9))
         self.sessions = 0
-        self.session: Optional[str] = None
+        self.session: Optional[str] = None  # the session of the running turn
+        self.known_sessions: set = set()
+        self.failures_left = opts.fail_first
         self.histories: dict = {}  # context (session id, or None over wire) -> earlier prompts
         self.yolo = False
 
@@ -205,8 +207,12 @@ class Peer:
             return "finished"
         script = "".join(parts)
         earlier = list(history)
-        history.append(script)
-        return self.play(script, earlier)
+        history.append(script)  # kept even when the turn fails, as Kimi does
+        status = self.play(script, earlier)
+        if self.failures_left and status == "finished":
+            self.failures_left -= 1
+            return f"error: {-32603 if self.acp else -32003} upstream 502"
+        return status
 
     def play(self, script: str, history: list) -> str:
         if not self.acp:
@@ -318,7 +324,7 @@ class Peer:
             elif command == "nothing":
                 return "finished"
             elif command == "forget":
-                self.session = None  # the next prompt meets "Session not found"
+                self.known_sessions.discard(self.session)  # its next prompt meets "Session not found"
         return "finished"
 
     # -- the dispatcher --
@@ -359,6 +365,7 @@ class Peer:
             else:
                 self.sessions += 1
                 self.session = f"s-{self.sessions}"
+                self.known_sessions.add(self.session)
                 self.respond(request_id, {"sessionId": self.session})
                 # Kimi announces its slash commands just after answering session/new
                 emit(self.event("", {"sessionUpdate": "available_commands_update", "availableCommands": []}))
@@ -367,7 +374,7 @@ class Peer:
                 self.fail(request_id, -32000, "An agent turn is already in progress")
                 return
             if self.acp:
-                if self.session is None or params.get("sessionId") != self.session:
+                if params.get("sessionId") not in self.known_sessions:
                     emit(
                         {
                             "jsonrpc": "2.0",
@@ -380,6 +387,7 @@ class Peer:
                         }
                     )
                     return
+                self.session = params["sessionId"]
                 parts = [block["text"] for block in params["prompt"] if block.get("type") == "text"]
             else:
                 user_input = params["user_input"]
@@ -410,6 +418,7 @@ def main() -> None:
     parser.add_argument("--auth-required", action="store_true")
     parser.add_argument("--agent-name", default="fake")
     parser.add_argument("--persistent-always", action="store_true")
+    parser.add_argument("--fail-first", type=int, default=0)
     opts = parser.parse_args()
     if opts.banner:
         print(opts.banner)
