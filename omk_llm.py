@@ -1400,6 +1400,8 @@ class _JsonRpcStdio:
             except _LineTooLong as err:
                 raise self._start_error(child, [err.args[0]], "printed an endless line") from None
             if line is None:
+                if time.monotonic() < deadline:
+                    continue  # woken by cancel(): the handshake finishes all the same
                 raise LlmTimeoutError(
                     self.startup_timeout,
                     f"the agent ({shlex.join(self.argv)}) did not answer {what} within "
@@ -1653,7 +1655,8 @@ class _AgentLlmClient:
         self._rng = rng
         self._lock = threading.Lock()  # one turn at a time
         self._turn_thread: Optional[int] = None  # the thread that runs the turn (re-entry)
-        self._running: Optional[_Turn] = None
+        self._running: Optional[_Turn] = None  # the turn being read: a prompt's, or a /clear
+        self._attempt_turn: Optional[_Turn] = None  # the prompt's turn, from before its /clear
         self._context = _Context(keep_history=False)
 
     # -- what users call --
@@ -1733,12 +1736,16 @@ class _AgentLlmClient:
         return self._attempt(context, command, prompt_tokens, budget, None, None, escape=False)
 
     def _cancel(self, context: Optional[_Context]) -> None:
-        turn = self._running
-        if turn is not None and (context is None or turn.context is context):
-            turn.cancel_requested = True
-            wake = getattr(self.transport, "wake", None)
-            if wake is not None:
-                wake()
+        attempt = self._attempt_turn
+        if attempt is None or (context is not None and attempt.context is not context):
+            return
+        attempt.cancel_requested = True
+        running = self._running
+        if running is not None:
+            running.cancel_requested = True
+        wake = getattr(self.transport, "wake", None)
+        if wake is not None:
+            wake()
 
     # -- one attempt --
 
@@ -1789,6 +1796,7 @@ class _AgentLlmClient:
         deadline = time.monotonic() + timeout
         turn = _Turn(context, on_text, prompt_tokens, budget)
         had_history = context.turns > 0
+        self._attempt_turn = turn
         try:
             self._prepare(context, deadline)
             prompt = _as_plain_text(text, self._is_kimi()) if escape else text
@@ -1800,6 +1808,7 @@ class _AgentLlmClient:
             context.failed = context.dirty = True
             raise
         finally:
+            self._attempt_turn = None
             if budget is not None and turn.prompt_id is not None:
                 budget.record_usage(sum(self._tokens(turn)))
         response = self._response(turn, turn.finish_reason)
@@ -1987,6 +1996,7 @@ class _AgentLlmClient:
     def _run_clear(self, context: _Context, deadline: float) -> bool:
         """Clear the agent's context with its own ``/clear`` turn; False if it did not."""
         turn = _Turn(context, None, 0, None)
+        turn.cancel_requested = self._attempt_turn is not None and self._attempt_turn.cancel_requested
         try:
             self._run(turn, "/clear", deadline)
         except LlmError as err:
@@ -2406,7 +2416,10 @@ class AcpStdio(_JsonRpcStdio):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LlmTimeoutError(self.startup_timeout, "the agent did not answer session/new in time")
-            message = self.read_message(remaining)
+            try:
+                message = self.read_message(remaining)
+            except LlmTimeoutError:
+                continue  # woken by cancel(), or the deadline: the check above decides
             if isinstance(message, Request):
                 self.send_error(message.id, -32601, "omk_llm has no session yet")
             elif isinstance(message, (SuccessResponse, ErrorResponse)) and message.id == request_id:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1591,6 +1592,17 @@ def test_cancel_from_another_thread_ends_the_turn_and_keeps_the_agent(protocol: 
         assert client.transport.pid == pid
 
 
+def test_cancel_while_the_agent_starts_ends_the_call_before_its_prompt_is_sent(protocol: str) -> None:
+    sent: List[Any] = []
+    with agent_client(protocol, "--startup-delay", "1.5") as client:
+        client.transport.start_prompt = _recording(client.transport.start_prompt, sent)  # type: ignore[attr-defined,method-assign]
+        client.cost_estimator.count_tokens("load the vocabulary first", "kimi-k2")
+        threading.Timer(0.5, client.cancel).start()
+        with pytest.raises(TurnCancelledError, match="before it started"):
+            client.complete("text: never sent", budget())
+    assert sent == []
+
+
 def test_cancel_from_on_text_ends_the_turn(protocol: str) -> None:
     with agent_client(protocol) as client, pytest.raises(TurnCancelledError):
         client.complete("text: a\nstall", budget(), on_text=lambda chunk: client.cancel())
@@ -1605,6 +1617,7 @@ def test_cancel_with_no_turn_running_does_nothing(protocol: str) -> None:
 def test_a_conversation_cancel_ends_only_its_own_turn() -> None:
     with acp_client() as client, client.conversation() as chat:
         chat.cancel()  # nothing runs: nothing happens
+        chat.complete("text: warm up", budget())
         threading.Timer(0.3, chat.cancel).start()
         with pytest.raises(TurnCancelledError):
             chat.complete("stall", budget())
@@ -1940,6 +1953,129 @@ def test_real_peer_provider_error_is_an_error_not_an_empty_answer(
         client.complete("error: 400", budget())
     # Over wire the agent passes the provider's error on; over ACP Kimi hides it.
     assert {"wire": "400", "acp": "hid a provider error"}[protocol] in str(caught.value)
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_a_failed_prompt_does_not_reach_the_next_ones(
+    protocol: str, real_peer: Callable[..., Any]
+) -> None:
+    client = real_peer(config=config(timeout=30, retry=NO_RETRY))
+    with pytest.raises(TransientNetworkError):
+        client.complete("a plain question", budget())
+    # Kimi keeps the failed prompt in its history and glues it to the next one, unless cleared
+    assert [client.complete(f"text: {n}", budget()).content for n in ("two", "three")] == ["two", "three"]
+    assert client.transport.generation == 1
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["wire"])  # over ACP Kimi hides the provider's message
+def test_real_wire_peer_retries_never_repeat_the_prompt_to_the_model(
+    protocol: str, real_peer: Callable[..., Any]
+) -> None:
+    client = real_peer(config=config(timeout=30, retry=RetryPolicy(max_retries=2, base_delay=0, max_delay=0)))
+    with pytest.raises(TransientNetworkError) as caught:
+        client.complete("not an echo script", budget())
+    # the echo provider quotes what the model got: the prompt once, not once per attempt
+    assert str(caught.value).count("not an echo script") == 1
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_real_peer_prompt_text_never_runs_as_a_command(
+    protocol: str, real_peer: Callable[..., Any], tmp_path: Path
+) -> None:
+    client = real_peer(config=config(timeout=30, retry=NO_RETRY))
+    for text in ["/yolo", "  /yolo", "/yolo please", "/clear", "/usr/bin/python crashed"]:
+        if protocol == "wire":
+            # the echo provider fails on it and quotes what the model received: the very text
+            with pytest.raises(TransientNetworkError, match=re.escape(repr(text))):
+                client.complete(text, budget())
+        else:
+            with pytest.raises(TransientNetworkError, match="hid a provider error"):
+                client.complete(text, budget())
+    marker = tmp_path / "ran"
+    assert client.complete(tool_call(f"touch {marker}"), budget()).content == ""
+    assert not marker.exists()  # approvals are still asked for, and rejected
+    assert client.transport.generation == 1
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_runs_an_agent_command_when_asked_to(
+    protocol: str, real_peer: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    client = real_peer(scripts=[tool_call(f"touch {marker}"), "text: done"])
+    assert "only live once" in client.command("/yolo").content.lower()
+    assert client.complete("run it", budget()).content == "done"
+    assert marker.exists()  # /yolo approved it without asking
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_a_conversation_keeps_its_history(protocol: str, real_peer: Callable[..., Any]) -> None:
+    client = real_peer(config=config(timeout=30, retry=NO_RETRY))
+    with client.conversation() as chat:
+        with pytest.raises(TransientNetworkError):
+            chat.complete("a plain question", budget())
+        assert chat.turns == 0
+        assert chat.complete("text: fresh", budget()).content == "fresh"  # the failed turn is gone
+        assert chat.turns == 1
+    assert client.complete("text: after", budget()).content == "after"
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_cancel_ends_the_turn_and_keeps_the_agent(
+    protocol: str, real_peer: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    ended = threading.Event()
+
+    def slow(request: Request) -> str:
+        ended.wait(1.0)
+        return "approve"
+
+    client = real_peer(approval=slow, config=config(timeout=30, retry=NO_RETRY))
+    client.complete("text: warm up", budget())
+    threading.Timer(0.3, client.cancel).start()
+    with pytest.raises(TurnCancelledError):
+        client.complete(tool_call(f"touch {marker}"), budget())
+    assert not marker.exists()
+    assert client.complete("text: next", budget()).content == "next"
+    assert client.transport.generation == 1
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["wire"])  # over ACP Kimi hides the error: the answer is empty
+def test_real_peer_a_failure_after_a_tool_ran_is_not_retried(
+    protocol: str, real_peer: Callable[..., Any], tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    client = real_peer(scripts=[tool_call(f"echo ran >> {log}"), "error: 502"], approval="approve")
+    with pytest.raises(TransientNetworkError) as caught:
+        client.complete("run it", budget())
+    assert log.read_text() == "ran\n"
+    assert caught.value.effects is not None and caught.value.effects.tools
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["wire"])  # ACP carries no usage
+def test_real_wire_peer_usage_is_summed_over_the_turns_steps(protocol: str, real_peer: Callable[..., Any]) -> None:
+    b = budget()
+    client = real_peer(
+        scripts=[
+            tool_call("echo hi") + '\nusage: {"input_other": 100, "output": 10}',
+            'text: done\nusage: {"input_other": 200, "output": 20}',
+        ],
+        approval="approve",
+    )
+    response = client.complete("run it", b)
+    assert (response.content, response.total_tokens, b.used_tokens) == ("done", 330, 330)
 
 
 @pytest.mark.real_peer
