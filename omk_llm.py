@@ -295,6 +295,7 @@ class LlmError(Exception):
     """
 
     effects: Optional[TurnEffects] = None
+    _not_retried = False  # a client found that retrying would repeat what the turn did
 
 
 class LlmTimeoutError(LlmError, TimeoutError):
@@ -1721,7 +1722,7 @@ class _AgentLlmClient:
         return with_retry(
             lambda: self._attempt(context, text, prompt_tokens, budget, on_text, deadline, escape=True),
             policy,
-            lambda err: is_retryable(err) and not getattr(err, "_omk_final", False),
+            lambda err: is_retryable(err) and not getattr(err, "_not_retried", False),
             sleep=self._sleep,
             rng=self._rng,
         )
@@ -1769,7 +1770,9 @@ class _AgentLlmClient:
         with self._lock:
             self._turn_thread = threading.get_ident()
             try:
-                return self._locked_attempt(context, text, prompt_tokens, budget, on_text, call_deadline, escape)
+                return self._locked_attempt(
+                    context, text, prompt_tokens, budget, on_text, call_deadline, escape
+                )
             finally:
                 self._turn_thread = None
 
@@ -1813,9 +1816,12 @@ class _AgentLlmClient:
                 budget.record_usage(sum(self._tokens(turn)))
         response = self._response(turn, turn.finish_reason)
         context.turns += 1
-        context.history_tokens = response.total_tokens if turn.usage else context.history_tokens + response.total_tokens
         if not context.keep_history:
             context.history_tokens = 0
+        elif turn.usage:  # the agent's reported prompt tokens include the history
+            context.history_tokens = response.total_tokens
+        else:
+            context.history_tokens += response.total_tokens
         return response
 
     def _failed(self, turn: _Turn, err: LlmError, had_history: bool) -> None:
@@ -1845,7 +1851,7 @@ class _AgentLlmClient:
             context.history_tokens = 0
         if reasons and is_retryable(err):
             err.args = (f"{err}; not retried: {'; '.join(reasons)}",)
-            setattr(err, "_omk_final", True)
+            err._not_retried = True
 
     def _run(self, turn: _Turn, prompt: PromptText, deadline: float) -> None:
         """Start the turn and read until its answer. Whatever ends it, the agent process is
@@ -2577,7 +2583,8 @@ class AcpLlmClient(_AgentLlmClient):
             raise ParseError(json.dumps(message.result), "the prompt's answer has no stopReason")
         usage = result.get("usage")
         if isinstance(usage, dict):
-            turn.usage = [sum(_count(usage.get(key)) for key in _ACP_INPUT_TOKENS), _count(usage.get("outputTokens"))]
+            prompt_tokens = sum(_count(usage.get(key)) for key in _ACP_INPUT_TOKENS)
+            turn.usage = [prompt_tokens, _count(usage.get("outputTokens"))]
         elif turn.context_used:
             # usage_update only says how full the context is: the prompt's share of that
             estimated_prompt, completion = self._tokens(turn)

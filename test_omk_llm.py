@@ -1407,7 +1407,8 @@ def test_text_that_is_not_a_command_is_sent_unchanged(protocol: str) -> None:
         client.transport.start_prompt = _recording(client.transport.start_prompt, sent)  # type: ignore[attr-defined,method-assign]
         client.complete("/usr/bin/python crashed", budget())
         client.complete_with_system("/yolo", "text: hi", budget())
-    assert [p for p in sent if p != "/clear"] == ["/usr/bin/python crashed", system_prompt("/yolo", "text: hi")]
+    prompts = [p for p in sent if p != "/clear"]
+    assert prompts == ["/usr/bin/python crashed", system_prompt("/yolo", "text: hi")]
 
 
 @pytest.mark.parametrize(
@@ -1514,7 +1515,7 @@ def test_acp_reported_usage_on_the_prompt_answer_is_used() -> None:
     b = budget()
     with acp_client() as client:
         response = client.complete(
-            'text: hi\nacp-usage: {"inputTokens": 40, "cachedReadTokens": 2, "outputTokens": 5, "totalTokens": 47}',
+            'text: hi\nacp-usage: {"inputTokens": 40, "cachedReadTokens": 2, "outputTokens": 5}',
             b,
         )
     assert (response.prompt_tokens, response.completion_tokens, b.used_tokens) == (42, 5, 47)
@@ -1528,7 +1529,10 @@ def test_acp_usage_update_stands_for_the_prompt_tokens() -> None:
 
 @pytest.mark.parametrize(
     ("code", "message", "error"),
-    [(-32000, "Authentication required", AuthenticationError), (-32603, "oauth token bad", TransientNetworkError)],
+    [
+        (-32000, "Authentication required", AuthenticationError),
+        (-32603, "oauth token bad", TransientNetworkError),
+    ],
 )
 def test_acp_authentication_errors_are_told_by_their_code_not_their_words(
     code: int, message: str, error: type
@@ -1560,9 +1564,11 @@ def test_retry_after_effects_opts_back_in_to_retrying_a_turn_that_acted(protocol
 
 def test_a_failure_after_streaming_to_on_text_is_not_retried(protocol: str) -> None:
     seen: List[str] = []
-    with agent_client(protocol, "--fail-first", "1") as client:
-        with pytest.raises(TransientNetworkError) as caught:
-            client.complete("text: partial", budget(), on_text=seen.append)
+    with (
+        agent_client(protocol, "--fail-first", "1") as client,
+        pytest.raises(TransientNetworkError) as caught,
+    ):
+        client.complete("text: partial", budget(), on_text=seen.append)
     assert seen == ["partial"]
     assert caught.value.effects is not None and caught.value.effects.streamed == "partial"
 
@@ -1585,7 +1591,7 @@ def test_cancel_from_another_thread_ends_the_turn_and_keeps_the_agent(protocol: 
         timer = threading.Timer(0.3, client.cancel)
         timer.start()
         started = time.monotonic()
-        with pytest.raises(TurnCancelledError, match="cancel()"):
+        with pytest.raises(TurnCancelledError, match=r"cancel\(\)"):
             client.complete("text: begun\nstall", budget())
         assert time.monotonic() - started < 2.0
         assert client.complete("history", budget()).content == "[]"
@@ -1636,7 +1642,9 @@ def test_a_turns_usage_is_the_sum_of_its_steps() -> None:
     b = budget()
     with wire_client() as client:
         response = client.complete(
-            'usage: {"input_other": 100, "output": 10}\ntext: done\nusage: {"input_other": 200, "output": 20}', b
+            'usage: {"input_other": 100, "output": 10}\ntext: done\n'
+            'usage: {"input_other": 200, "output": 20}',
+            b,
         )
     assert (response.prompt_tokens, response.completion_tokens, b.used_tokens) == (300, 30, 330)
 
@@ -2065,7 +2073,9 @@ def test_real_peer_a_failure_after_a_tool_ran_is_not_retried(
 @pytest.mark.real_peer
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("protocol", ["wire"])  # ACP carries no usage
-def test_real_wire_peer_usage_is_summed_over_the_turns_steps(protocol: str, real_peer: Callable[..., Any]) -> None:
+def test_real_wire_peer_usage_is_summed_over_the_turns_steps(
+    protocol: str, real_peer: Callable[..., Any]
+) -> None:
     b = budget()
     client = real_peer(
         scripts=[
@@ -2087,6 +2097,42 @@ def test_real_peer_close_leaves_no_process_behind(protocol: str, real_peer: Call
     family = [pid, *descendants(pid)]
     client.close()
     assert not [p for p in family if pid_alive(p)]
+
+
+@pytest.fixture
+def sdk_agent() -> Iterator[AcpLlmClient]:
+    """A client of the Python ACP SDK's own example echo agent: a third-party ACP agent."""
+    if not kimi_echo.venv_python().exists():
+        message = "the real Kimi CLI (and with it the ACP SDK) is not installed: run peers/kimi_echo.py --setup"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    client = AcpLlmClient(AcpStdio(kimi_echo.acp_sdk_echo_agent(), startup_timeout=60), config())
+    yield client
+    client.close()
+
+
+@pytest.mark.real_peer
+def test_acp_sdk_agent_answers_and_each_prompt_gets_its_own_session(sdk_agent: AcpLlmClient) -> None:
+    assert sdk_agent.complete("hello there", budget()).content == "hello there"
+    first = sdk_agent._context.session
+    assert sdk_agent.complete("again", budget()).content == "again"
+    assert sdk_agent._context.session not in (None, first)
+
+
+@pytest.mark.real_peer
+def test_acp_sdk_agent_receives_command_like_text_as_text(sdk_agent: AcpLlmClient) -> None:
+    # not Kimi: the text goes with a zero-width space in front, and comes back with it
+    assert sdk_agent.complete("/yolo", budget()).content == "\u200b/yolo"
+
+
+@pytest.mark.real_peer
+def test_acp_sdk_agent_conversation_keeps_one_session(sdk_agent: AcpLlmClient) -> None:
+    with sdk_agent.conversation() as chat:
+        chat.complete("one", budget())
+        session = chat.session_id
+        assert chat.complete("two", budget()).content == "two"
+        assert chat.session_id == session and chat.turns == 2
 
 
 def descendants(pid: int) -> List[int]:

@@ -6,7 +6,9 @@
 
 Figures: streaming throughput and per-prompt overhead against a minimal reader of the
 same fake peer (peers/fake_peer.py); the library's share of a round trip with the real
-Kimi CLI (if peers/kimi_echo.py installed it); import time against the standard-library
+Kimi CLI (if peers/kimi_echo.py installed it); what a fresh context per prompt costs on
+the real Kimi CLI over wire and ACP, and whether it stays flat over many prompts (time,
+the agent's memory and its share directory on disk); import time against the standard-library
 modules it uses; count_tokens against tiktoken's own encode; peak memory while streaming
 a large answer; and what with_retry adds beyond its sleeps.
 """
@@ -131,13 +133,14 @@ def streaming(events: int, runs: int) -> None:
 
 def per_prompt(prompts: int) -> None:
     client = library_client()
+    chat = client.conversation()  # history kept, as the reference keeps it: the same work
     reference = ReferenceClient([sys.executable, FAKE_PEER])
     for _ in range(5):
-        client.complete("text: warm up", budget())
+        chat.complete("text: warm up", budget())
         reference.prompt("text: warm up")
     lib, ref = [], []
     for _ in range(prompts):
-        lib.append(timed(lambda: client.complete("text: hi", budget())))
+        lib.append(timed(lambda: chat.complete("text: hi", budget())))
         ref.append(timed(lambda: reference.prompt("text: hi")))
     client.close()
     reference.close()
@@ -164,12 +167,13 @@ def real_peer_share(prompts: int) -> None:
     with tempfile.TemporaryDirectory() as home:
         argv, env = kimi_echo.peer_command("wire", Path(home))
         client = library_client(argv, env)
+        chat = client.conversation()  # history kept, as the reference keeps it
         reference = ReferenceClient(argv, env)
-        client.complete("text: warm up", budget())
+        chat.complete("text: warm up", budget())
         reference.prompt("text: warm up")
         lib, ref = [], []
         for i in range(prompts):
-            lib.append(timed(lambda i=i: client.complete(f"text: pong {i}", budget())))
+            lib.append(timed(lambda i=i: chat.complete(f"text: pong {i}", budget())))
             ref.append(timed(lambda i=i: reference.prompt(f"text: pong {i}")))
         client.close()
         reference.close()
@@ -181,6 +185,86 @@ def real_peer_share(prompts: int) -> None:
         f"{ref_s * 1e3:.1f} ms",
         f"{share:.1%} ours",
         "library's share",
+    )
+
+
+def _disk_use(folder: Path) -> Tuple[int, int]:
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    return sum(path.stat().st_size for path in files), len(files)
+
+
+def _rss_mib(pid: Optional[int]) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def _real_client(protocol: str, argv: List[str], env: Dict[str, str]) -> Any:
+    config = omk_llm.LlmClientConfig(model="kimi-k2", timeout=600)
+    if protocol == "wire":
+        return omk_llm.WireLlmClient(omk_llm.StdioWire(argv, env=env, startup_timeout=60), config)
+    return omk_llm.AcpLlmClient(omk_llm.AcpStdio(argv, env=env, startup_timeout=60), config)
+
+
+def fresh_context(prompts: int) -> None:
+    """complete() (a fresh context each prompt: Kimi's /clear) against a conversation on
+    another client of the same agent (no clear), alternating, on the real Kimi CLI; then
+    whether the fresh path stays flat over ``prompts`` prompts: time, the agent's memory,
+    its disk use."""
+    try:
+        import kimi_echo
+    except ImportError:
+        return
+    if not kimi_echo.venv_python().exists():
+        row("fresh context per prompt", "not installed", "-", "-", "(peers/kimi_echo.py --setup)")
+        return
+    import tempfile
+
+    for protocol in ("wire", "acp"):
+        with tempfile.TemporaryDirectory() as home:
+            argv, env = kimi_echo.peer_command(protocol, Path(home))
+            _fresh_context_on(protocol, _real_client(protocol, argv, env), argv, env, prompts)
+
+
+def _fresh_context_on(protocol: str, client: Any, argv: List[str], env: Dict[str, str], prompts: int) -> None:
+    other = _real_client(protocol, argv, env)  # over wire a conversation holds its agent
+    chat = other.conversation()
+    client.complete("text: warm up", budget())
+    chat.complete("text: warm up", budget())
+    fresh, kept = [], []
+    for i in range(min(prompts, 100)):
+        fresh.append(timed(lambda i=i: client.complete(f"text: fresh {i}", budget())))
+        kept.append(timed(lambda i=i: chat.complete(f"text: kept {i}", budget())))
+    other.close()
+    added = statistics.median(fresh) - statistics.median(kept)
+    row(
+        f"fresh context, {protocol}: added per prompt",
+        f"{statistics.median(fresh) * 1e3:.1f} ms",
+        f"{statistics.median(kept) * 1e3:.1f} ms",
+        f"+{added * 1e3:.1f} ms",
+        "<= +10 ms" if protocol == "wire" else "<= one session/new",
+    )
+    share = Path(env["KIMI_SHARE_DIR"])
+    disk_before, files_before = _disk_use(share)
+    rss_before = _rss_mib(client.transport.pid)
+    times = [timed(lambda i=i: client.complete(f"text: many {i}", budget())) for i in range(prompts)]
+    disk_after, files_after = _disk_use(share)
+    rss_after = _rss_mib(client.transport.pid)
+    client.close()
+    tenth = max(1, prompts // 10)
+    first, last = statistics.median(times[:tenth]), statistics.median(times[-tenth:])
+    row(
+        f"{prompts} fresh prompts, {protocol}: last/first tenth",
+        f"{last * 1e3:.1f} ms",
+        f"{first * 1e3:.1f} ms",
+        f"{last / first:.2f}x",
+        "flat (~1x)",
+    )
+    row(
+        f"{prompts} fresh prompts, {protocol}: agent",
+        f"+{(disk_after - disk_before) / prompts / 1024:.1f} KiB/prompt",
+        f"+{files_after - files_before} files",
+        f"+{rss_after - rss_before:.0f} MiB",
+        "disk, files, memory",
     )
 
 
@@ -385,6 +469,7 @@ def main() -> None:
     streaming(20_000 if quick else 200_000, 1 if quick else 5)
     per_prompt(20 if quick else 300)
     real_peer_share(3 if quick else 30)
+    fresh_context(10 if quick else 1000)
     import_time(3 if quick else 60)
     token_counting(0.1 if quick else 1.0, 1 if quick else 7)
     memory(5 if quick else 50)

@@ -121,6 +121,35 @@ def ensure_installed(quiet: bool = False) -> Path:
     return python
 
 
+ACP_SDK = "agent-client-protocol==0.8.0"  # the version kimi-cli 1.52.0 installs
+
+
+def acp_sdk_echo_agent() -> List[str]:
+    """The argv of the Python ACP SDK's own example echo agent (a third-party ACP agent),
+    run with the SDK that kimi-cli brought into .peer/venv. Its source comes from the SDK's
+    sdist (the wheel has no examples), downloaded once into .peer/acp-sdk."""
+    python = ensure_installed(quiet=True)
+    agent = PEER_DIR / "acp-sdk" / "echo_agent.py"
+    if not agent.exists():
+        folder = agent.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--no-binary", ":all:", "--dest", str(folder), ACP_SDK],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        import tarfile
+
+        (sdist,) = folder.glob("agent_client_protocol-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            member = next(m for m in archive.getmembers() if m.name.endswith("examples/echo_agent.py"))
+            source = archive.extractfile(member)
+            assert source is not None
+            agent.write_bytes(source.read())
+    return [str(python), str(agent)]
+
+
 def peer_command(
     protocol: str = "wire", home: Optional[Path] = None, scripts: Optional[List[str]] = None
 ) -> Tuple[List[str], Dict[str, str]]:
@@ -170,6 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ensure_installed()
     command, env = peer_command(protocol)
     if "--setup" in args:
+        acp_sdk_echo_agent()  # the third-party ACP agent the tests also run against
         print(" ".join(command))
         return 0
     sys.path.insert(0, str(ROOT))
