@@ -268,6 +268,53 @@ def _fresh_context_on(protocol: str, client: Any, argv: List[str], env: Dict[str
     )
 
 
+def cancel_latency(runs: int) -> None:
+    """cancel() on the real Kimi CLI while the agent runs an approved `sleep 5` tool: how
+    long cancel() takes to return, and how long until the call raises TurnCancelledError."""
+    try:
+        import kimi_echo
+    except ImportError:
+        return
+    if not kimi_echo.venv_python().exists():
+        return
+    import tempfile
+    import threading
+
+    tool = json.dumps({"id": "tc-1", "name": "Shell", "arguments": json.dumps({"command": "sleep 5"})})
+    for protocol in ("wire", "acp"):
+        with tempfile.TemporaryDirectory() as home:
+            argv, env = kimi_echo.peer_command(protocol, Path(home))
+            client = _real_client(protocol, argv, env)
+            client.approval = "approve"
+            client.complete("text: warm up", budget())
+            returns, ends = [], []
+            for _ in range(runs):
+                called: List[float] = []
+
+                def cancel(called: List[float] = called, client: Any = client) -> None:
+                    called.append(time.perf_counter())
+                    client.cancel()
+                    called.append(time.perf_counter())
+
+                timer = threading.Timer(0.5, cancel)
+                timer.start()
+                try:
+                    client.complete("tool_call: " + tool, budget())
+                except omk_llm.TurnCancelledError:
+                    ends.append(time.perf_counter() - called[0])
+                timer.join()
+                returns.append(called[1] - called[0])
+            generation = client.transport.generation
+            client.close()
+        row(
+            f"cancel(), real Kimi CLI, {protocol} (median of {runs})",
+            f"{statistics.median(returns) * 1e6:.0f} us",
+            f"{statistics.median(ends) * 1e3:.1f} ms" if ends else "-",
+            f"{len(ends)}/{runs}",
+            f"returns / call ends; agents {generation}",
+        )
+
+
 def importlib_cache(source: Path) -> str:
     import importlib.util
 
@@ -470,6 +517,7 @@ def main() -> None:
     per_prompt(20 if quick else 300)
     real_peer_share(3 if quick else 30)
     fresh_context(10 if quick else 1000)
+    cancel_latency(2 if quick else 10)
     import_time(3 if quick else 60)
     token_counting(0.1 if quick else 1.0, 1 if quick else 7)
     memory(5 if quick else 50)
