@@ -54,7 +54,7 @@ from typing import (
     cast,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AcpLlmClient",
@@ -749,6 +749,17 @@ class MockLlmClient:
             if cancelled.is_set():
                 raise TurnCancelledError("the turn was cancelled by cancel()")
         return response
+
+    def conversation(self) -> MockLlmClient:
+        """A conversation, as the real clients offer: the mock keeps no history, so it is
+        the mock itself, answering from the same queue (and a context manager)."""
+        return self
+
+    def __enter__(self) -> MockLlmClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
 
     def cancel(self) -> None:
         """Cancel the calls that are running (a mock call runs only while its ``on_text``
@@ -1804,17 +1815,19 @@ class _AgentLlmClient:
             self._prepare(context, deadline)
             prompt = _as_plain_text(text, self._is_kimi()) if escape else text
             self._run(turn, prompt, deadline)
-        except LlmError as err:
-            self._failed(turn, err, had_history)
-            raise
-        except BaseException:
-            context.failed = context.dirty = True
+        except BaseException as err:
+            if isinstance(err, LlmError):
+                self._failed(turn, err, had_history)
+            else:  # an interrupt, or a callback's own error
+                context.failed = context.dirty = True
+            if budget is not None and turn.prompt_id is not None:
+                budget.record_usage(sum(self._tokens(turn)))  # what a failed attempt spent
             raise
         finally:
             self._attempt_turn = None
-            if budget is not None and turn.prompt_id is not None:
-                budget.record_usage(sum(self._tokens(turn)))
         response = self._response(turn, turn.finish_reason)
+        if budget is not None:
+            budget.record_usage(response.total_tokens)
         context.turns += 1
         if not context.keep_history:
             context.history_tokens = 0
@@ -2210,6 +2223,7 @@ class WireLlmClient(_AgentLlmClient):
         )
         self.wire = wire
         self._conversation_open = False
+        self._conversation_lock = threading.Lock()  # not the turn lock: callbacks may open one
         self._occupant: Optional[_Context] = None  # the context the agent process holds
         self._occupant_generation = -1
         self._sends_turn_begin = False  # learnt from the peer: then events before it are stale
@@ -2218,7 +2232,7 @@ class WireLlmClient(_AgentLlmClient):
         return True  # the wire protocol is Kimi CLI's own
 
     def _open_context(self) -> _Context:
-        with self._lock:
+        with self._conversation_lock:
             if self._conversation_open:
                 raise LlmError(
                     "this client already has an open conversation: over wire the agent process "
@@ -2228,7 +2242,7 @@ class WireLlmClient(_AgentLlmClient):
         return _Context(keep_history=True)
 
     def _close_context(self, context: _Context) -> None:
-        with self._lock:
+        with self._conversation_lock:
             self._conversation_open = False
 
     def _check_context_free(self, context: _Context) -> None:
@@ -2521,7 +2535,7 @@ class AcpLlmClient(_AgentLlmClient):
         if context.session is None:
             context.session = self.acp.new_session()
             context.generation = self.acp.generation
-        if fresh or context.session is None:
+        if fresh:
             context.dirty = context.failed = False
         self._discard_stale()
 
