@@ -2111,7 +2111,7 @@ def test_real_peer_close_leaves_no_process_behind(protocol: str, real_peer: Call
 def sdk_agent() -> Iterator[AcpLlmClient]:
     """A client of the Python ACP SDK's own example echo agent: a third-party ACP agent."""
     if not kimi_echo.venv_python().exists():
-        message = "the real Kimi CLI (and with it the ACP SDK) is not installed: run peers/kimi_echo.py --setup"
+        message = "the ACP SDK (installed with the real Kimi CLI) is missing: run peers/kimi_echo.py --setup"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
