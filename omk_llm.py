@@ -1515,6 +1515,34 @@ def _as_plain_text(text: str, kimi: bool) -> PromptText:
     return "\u200b" + text
 
 
+def _kimi_session_dir(env: Optional[Mapping[str, str]], work_dir: str, session_id: str) -> Optional[str]:
+    """Where Kimi keeps a session's files ($KIMI_SHARE_DIR/sessions/md5(work dir)/id), if
+    it is there."""
+    import hashlib  # lazy: only Kimi's clears need it
+
+    environ = os.environ if env is None else env
+    home = environ.get("HOME") or os.path.expanduser("~")
+    share = environ.get("KIMI_SHARE_DIR") or os.path.join(home, ".kimi")
+    digest = hashlib.md5(work_dir.encode("utf-8")).hexdigest()
+    folder = os.path.join(share, "sessions", digest, session_id)
+    return folder if os.path.isfile(os.path.join(folder, "context.jsonl")) else None
+
+
+def _remove_cleared_contexts(folder: str) -> None:
+    """Kimi's /clear keeps the cleared context as context_N.jsonl (16 KiB each, and its next
+    /clear lists them all): the ones our clears made are of no use to anyone."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if re.fullmatch(r"context_\d+\.jsonl", name):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def _check_approval(approval: ApprovalPolicy) -> ApprovalPolicy:
     if callable(approval) or approval in APPROVALS:
         return approval
@@ -1564,6 +1592,7 @@ class _Turn:
         self.finish_reason = "stop"
         self.cancel_requested = False
         self.draining = False  # cancelled: its text no longer counts as the answer
+        self.probed: Optional[Tuple[str, str]] = None  # wire: (session id, work dir) from a hook
 
     def add_text(self, chunk: str) -> None:
         if chunk and not self.draining:
@@ -2138,6 +2167,8 @@ class Conversation:
 # ======================================================================================
 
 WIRE_PROTOCOL_VERSION = "1.10"
+SESSION_PROBE_HOOK = "omk_llm-session-probe"
+_SESSION_PROBE = r"^omk_llm session probe [0-9a-f]{16}$"
 
 
 class StdioWire(_JsonRpcStdio):
@@ -2171,6 +2202,9 @@ class StdioWire(_JsonRpcStdio):
             "protocol_version": WIRE_PROTOCOL_VERSION,
             "client": {"name": "omk_llm", "version": __version__},
             "capabilities": {"supports_question": False},
+            # Asks Kimi for its session id when one prompt, the probe, is sent; the client
+            # blocks that prompt, so it never reaches the model or the history.
+            "hooks": [{"id": SESSION_PROBE_HOOK, "event": "UserPromptSubmit", "matcher": _SESSION_PROBE}],
         }
 
     def start_prompt(self, text: PromptText) -> Any:
@@ -2227,6 +2261,8 @@ class WireLlmClient(_AgentLlmClient):
         self._occupant: Optional[_Context] = None  # the context the agent process holds
         self._occupant_generation = -1
         self._sends_turn_begin = False  # learnt from the peer: then events before it are stale
+        self._session_dir: Optional[str] = None  # Kimi's folder for this agent's session
+        self._session_dir_generation = -1
 
     def _is_kimi(self) -> bool:
         return True  # the wire protocol is Kimi CLI's own
@@ -2270,13 +2306,40 @@ class WireLlmClient(_AgentLlmClient):
             context.generation = generation
         fresh = context.failed or not context.keep_history or context.turns == 0
         if self._occupant is not None and (self._occupant is not context or fresh):
-            self._discard_stale()
-            if not self._run_clear(context, deadline):
+            if self._run_clear(context, deadline):
+                self._remove_cleared_contexts(generation, deadline)
+            else:
                 self.wire.reset()
                 self._occupant_generation = context.generation = self._generation()
         self._occupant = context
         context.failed = False
         self._discard_stale()
+
+    def _remove_cleared_contexts(self, generation: int, deadline: float) -> None:
+        if self._session_dir_generation != generation:
+            self._session_dir_generation = generation
+            self._session_dir = self._probe_session_dir(deadline)
+        if self._session_dir is not None:
+            _remove_cleared_contexts(self._session_dir)
+
+    def _probe_session_dir(self, deadline: float) -> Optional[str]:
+        """Ask Kimi which session it runs (its UserPromptSubmit hook says, for the probe
+        prompt, which the client then blocks); None when it cannot say."""
+        info = getattr(self.wire, "peer_info", None)
+        hooks = info.get("hooks") if isinstance(info, dict) else None
+        configured = hooks.get("configured") if isinstance(hooks, dict) else None
+        if not isinstance(configured, dict) or not configured.get("UserPromptSubmit"):
+            return None  # it did not take our hook: the probe would reach the model
+        turn = _Turn(self._context, None, 0, None)
+        try:
+            self._run(turn, f"omk_llm session probe {os.urandom(8).hex()}", deadline)
+        except LlmError as err:
+            logger.info("could not learn the agent's session (%s)", err)
+            return None
+        if not turn.probed:
+            return None
+        session_id, work_dir = turn.probed
+        return _kimi_session_dir(getattr(self.wire, "env", None), work_dir, session_id)
 
     def _start(self, context: _Context, prompt: PromptText) -> Any:
         return self.wire.start_prompt(prompt)
@@ -2332,8 +2395,15 @@ class WireLlmClient(_AgentLlmClient):
                 request.id, {"tool_call_id": payload.get("id", request.id), "return_value": result}
             )
         elif request.type == "HookRequest":
+            action = "allow"
+            data = payload.get("input_data")
+            if payload.get("subscription_id") == SESSION_PROBE_HOOK and isinstance(data, dict):
+                session_id, work_dir = data.get("session_id"), data.get("cwd")
+                if isinstance(session_id, str) and isinstance(work_dir, str):
+                    turn.probed = (session_id, work_dir)
+                action = "block"  # the probe never reaches the model
             self.wire.send_response(
-                request.id, {"request_id": payload.get("id", request.id), "action": "allow", "reason": ""}
+                request.id, {"request_id": payload.get("id", request.id), "action": action, "reason": ""}
             )
         else:
             self.wire.send_error(request.id, -32601, f"omk_llm does not handle {request.type}")
@@ -2429,8 +2499,7 @@ class AcpStdio(_JsonRpcStdio):
     def new_session(self) -> str:
         """Open a new session (starting the agent if it is not running) and return its id."""
         self._live_child()
-        cwd = os.path.abspath(self.session_cwd or self.cwd or os.getcwd())
-        request_id = self.send_request("session/new", {"cwd": cwd, "mcpServers": []})
+        request_id = self.send_request("session/new", {"cwd": self.session_work_dir(), "mcpServers": []})
         deadline = time.monotonic() + self.startup_timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -2450,6 +2519,10 @@ class AcpStdio(_JsonRpcStdio):
                 if not isinstance(session_id, str):
                     raise ParseError(json.dumps(message.result), "session/new gave no sessionId")
                 return session_id
+
+    def session_work_dir(self) -> str:
+        """The working directory sessions are opened in (absolute)."""
+        return os.path.abspath(self.session_cwd or self.cwd or os.getcwd())
 
     def start_prompt(self, text: PromptText, session_id: Optional[str] = None) -> Any:
         session = session_id or self.ensure_session()
@@ -2532,6 +2605,10 @@ class AcpLlmClient(_AgentLlmClient):
             self._discard_stale()
             if context.failed or not self._is_kimi() or not self._run_clear(context, deadline):
                 context.session = None  # a failed turn may have broken its session
+            else:
+                folder = _kimi_session_dir(self.acp.env, self.acp.session_work_dir(), context.session)
+                if folder is not None:
+                    _remove_cleared_contexts(folder)
         if context.session is None:
             context.session = self.acp.new_session()
             context.generation = self.acp.generation

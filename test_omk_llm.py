@@ -1426,6 +1426,16 @@ def test_an_agent_command_runs_only_when_asked_for(protocol: str) -> None:
     assert "yolo" in response.content  # the agent approved it itself: no request came
 
 
+def test_the_session_probe_never_goes_to_an_agent_that_did_not_take_its_hook() -> None:
+    sent: List[Any] = []
+    with wire_client() as client:
+        client.wire.start_prompt = _recording(client.wire.start_prompt, sent)  # type: ignore[attr-defined,method-assign]
+        for n in range(3):
+            client.complete(f"text: {n}", budget())
+    assert not [p for p in sent if "probe" in str(p)]
+    assert sent.count("/clear") == 2
+
+
 def test_command_refuses_text_that_is_not_a_command() -> None:
     with wire_client() as client, pytest.raises(InvalidPromptError, match="complete"):
         client.command("please compact")
@@ -2027,6 +2037,17 @@ def test_real_peer_runs_an_agent_command_when_asked_to(
     assert "only live once" in client.command("/yolo").content.lower()
     assert client.complete("run it", budget()).content == "done"
     assert marker.exists()  # /yolo approved it without asking
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_fresh_contexts_leave_no_cleared_context_behind(
+    protocol: str, real_peer: Callable[..., Any], tmp_path: Path
+) -> None:
+    client = real_peer()
+    assert [client.complete(f"text: {n}", budget()).content for n in range(4)] == ["0", "1", "2", "3"]
+    files = sorted(path.name for path in tmp_path.rglob("sessions/*/*/*") if path.is_file())
+    assert files == ["context.jsonl", "state.json", "wire.jsonl"]  # Kimi's backups of each /clear: gone
 
 
 @pytest.mark.real_peer
