@@ -2306,6 +2306,7 @@ class WireLlmClient(_AgentLlmClient):
             context.generation = generation
         fresh = context.failed or not context.keep_history or context.turns == 0
         if self._occupant is not None and (self._occupant is not context or fresh):
+            self._discard_stale()  # a late request must not be answered inside the /clear
             if self._run_clear(context, deadline):
                 self._remove_cleared_contexts(generation, deadline)
             else:
