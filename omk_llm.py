@@ -1564,6 +1564,17 @@ class _Context:
         self.history_tokens = 0  # what its history costs each later turn, as best known
         self.closed = False
 
+    def follow(self, generation: int) -> bool:
+        """Note that the agent now runs as process ``generation``; True if that is a new
+        one, in which this context's history (and session) no longer exists."""
+        if generation == self.generation:
+            return False
+        if self.turns:
+            logger.warning("the agent process was replaced: the conversation's history is lost")
+            self.turns = self.history_tokens = 0
+        self.generation = generation
+        return True
+
 
 class _Turn:
     """What one prompt has gathered so far, and what it has done."""
@@ -1669,7 +1680,40 @@ class WireClient(Protocol):
     def close(self) -> None: ...
 
 
-class _AgentLlmClient:
+class _TurnCalls:
+    """The calls a client and a conversation share, each on its own agent context."""
+
+    _client: _AgentLlmClient
+    _context: _Context
+
+    def complete(
+        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
+    ) -> LlmResponse:
+        """Send one prompt and return the whole answer; ``on_text`` receives each text
+        chunk as it arrives. On a client the prompt gets a fresh agent context; in a
+        conversation it sees the conversation's history."""
+        return self._client._complete(self._context, prompt, budget, on_text)
+
+    def complete_with_system(
+        self,
+        system: str,
+        prompt: str,
+        budget: TokenBudget,
+        *,
+        on_text: Optional[TextCallback] = None,
+    ) -> LlmResponse:
+        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
+
+    def command(self, command: str, budget: Optional[TokenBudget] = None) -> LlmResponse:
+        """Run an agent command (``/compact``, ``/yolo``, ...) as the agent defines it.
+        Prompts never run as commands; this is the one way to run one on purpose. On a
+        client it acts on the agent process (``/yolo`` switches its approvals off for every
+        later prompt) and the next prompt still gets a fresh context; in a conversation it
+        acts on its history (``/compact`` compacts it)."""
+        return self._client._command(self._context, command, budget)
+
+
+class _AgentLlmClient(_TurnCalls):
     """The turn loop both protocols share: a fresh agent context per prompt (or a
     conversation's history), checks before sending, one turn at a time, a whole-turn
     deadline, every peer request answered, cancel-and-drain on timeout, ``cancel()`` and a
@@ -1698,33 +1742,10 @@ class _AgentLlmClient:
         self._turn_thread: Optional[int] = None  # the thread that runs the turn (re-entry)
         self._running: Optional[_Turn] = None  # the turn being read: a prompt's, or a /clear
         self._attempt_turn: Optional[_Turn] = None  # the prompt's turn, from before its /clear
+        self._client = self  # its own calls (_TurnCalls) go to its own context
         self._context = _Context(keep_history=False)
 
-    # -- what users call --
-
-    def complete(
-        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
-    ) -> LlmResponse:
-        """Send one prompt, in a fresh agent context, and return the whole answer.
-        ``on_text`` receives each text chunk as it arrives."""
-        return self._complete(self._context, prompt, budget, on_text)
-
-    def complete_with_system(
-        self,
-        system: str,
-        prompt: str,
-        budget: TokenBudget,
-        *,
-        on_text: Optional[TextCallback] = None,
-    ) -> LlmResponse:
-        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
-
-    def command(self, command: str, budget: Optional[TokenBudget] = None) -> LlmResponse:
-        """Run an agent command (``/compact``, ``/yolo``, ...) as the agent defines it.
-        Prompts never run as commands; this is the one way to run one on purpose. Over the
-        client's own context it acts on the agent process (``/yolo`` switches its approvals
-        off for every later prompt); the next prompt still gets a fresh context."""
-        return self._command(self._context, command, budget)
+    # -- what users call, besides _TurnCalls --
 
     def conversation(self) -> Conversation:
         """A conversation: its turns share the agent's history. Use it as a context manager."""
@@ -2100,7 +2121,7 @@ class _AgentLlmClient:
         raise NotImplementedError
 
 
-class Conversation:
+class Conversation(_TurnCalls):
     """A conversation with the agent: its turns share the agent's history, as in the
     agent's own UI. An ``LlmClient`` and a context manager; ``client.conversation()`` opens
     one.
@@ -2125,25 +2146,6 @@ class Conversation:
     def turns(self) -> int:
         """How many finished turns the agent's history holds."""
         return self._context.turns
-
-    def complete(
-        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
-    ) -> LlmResponse:
-        return self._client._complete(self._context, prompt, budget, on_text)
-
-    def complete_with_system(
-        self,
-        system: str,
-        prompt: str,
-        budget: TokenBudget,
-        *,
-        on_text: Optional[TextCallback] = None,
-    ) -> LlmResponse:
-        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
-
-    def command(self, command: str, budget: Optional[TokenBudget] = None) -> LlmResponse:
-        """Run an agent command in this conversation (``/compact`` compacts its history)."""
-        return self._client._command(self._context, command, budget)
 
     def cancel(self) -> None:
         """Cancel this conversation's running turn (see ``cancel()`` on the client)."""
@@ -2299,16 +2301,12 @@ class WireLlmClient(_AgentLlmClient):
         generation = self._generation()
         if self._occupant_generation != generation:  # a new agent process: nothing in it
             self._occupant, self._occupant_generation = None, generation
-        if context.generation != generation:
-            if context.turns:
-                logger.warning("the agent process was replaced: the conversation's history is lost")
-                context.turns = context.history_tokens = 0
-            context.generation = generation
+        context.follow(generation)
         fresh = context.failed or not context.keep_history or context.turns == 0
         if self._occupant is not None and (self._occupant is not context or fresh):
             self._discard_stale()  # a late request must not be answered inside the /clear
             if self._run_clear(context, deadline):
-                self._remove_cleared_contexts(generation, deadline)
+                self._tidy_after_clear(generation, deadline)
             else:
                 self.wire.reset()
                 self._occupant_generation = context.generation = self._generation()
@@ -2316,7 +2314,7 @@ class WireLlmClient(_AgentLlmClient):
         context.failed = False
         self._discard_stale()
 
-    def _remove_cleared_contexts(self, generation: int, deadline: float) -> None:
+    def _tidy_after_clear(self, generation: int, deadline: float) -> None:
         if self._session_dir_generation != generation:
             self._session_dir_generation = generation
             self._session_dir = self._probe_session_dir(deadline)
@@ -2596,11 +2594,8 @@ class AcpLlmClient(_AgentLlmClient):
 
     def _prepare(self, context: _Context, deadline: float) -> None:
         self.acp.start()
-        if context.generation != self.acp.generation:
-            if context.turns:
-                logger.warning("the agent process was replaced: the conversation's history is lost")
-                context.turns = context.history_tokens = 0
-            context.session, context.generation = None, self.acp.generation
+        if context.follow(self.acp.generation):
+            context.session = None
         fresh = context.failed or (context.dirty and (not context.keep_history or context.turns == 0))
         if context.session is not None and fresh:
             self._discard_stale()

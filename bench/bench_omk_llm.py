@@ -21,6 +21,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -154,16 +156,20 @@ def per_prompt(prompts: int) -> None:
     )
 
 
-def real_peer_share(prompts: int) -> None:
-    try:
-        import kimi_echo
-    except ImportError:
-        return
-    if not kimi_echo.venv_python().exists():
-        row("real Kimi CLI round trip", "not installed", "-", "-", "(peers/kimi_echo.py --setup)")
-        return
-    import tempfile
+def installed_kimi(figure: str) -> Any:
+    """peers/kimi_echo.py, if the real Kimi CLI is installed; else a row saying so, and None."""
+    import kimi_echo
 
+    if kimi_echo.venv_python().exists():
+        return kimi_echo
+    row(figure, "not installed", "-", "-", "(peers/kimi_echo.py --setup)")
+    return None
+
+
+def real_peer_share(prompts: int) -> None:
+    kimi_echo = installed_kimi("real Kimi CLI round trip")
+    if kimi_echo is None:
+        return
     with tempfile.TemporaryDirectory() as home:
         argv, env = kimi_echo.peer_command("wire", Path(home))
         client = library_client(argv, env)
@@ -210,15 +216,9 @@ def fresh_context(prompts: int) -> None:
     another client of the same agent (no clear), alternating, on the real Kimi CLI; then
     whether the fresh path stays flat over ``prompts`` prompts: time, the agent's memory,
     its disk use."""
-    try:
-        import kimi_echo
-    except ImportError:
+    kimi_echo = installed_kimi("fresh context per prompt")
+    if kimi_echo is None:
         return
-    if not kimi_echo.venv_python().exists():
-        row("fresh context per prompt", "not installed", "-", "-", "(peers/kimi_echo.py --setup)")
-        return
-    import tempfile
-
     for protocol in ("wire", "acp"):
         with tempfile.TemporaryDirectory() as home:
             argv, env = kimi_echo.peer_command(protocol, Path(home))
@@ -271,14 +271,9 @@ def _fresh_context_on(protocol: str, client: Any, argv: List[str], env: Dict[str
 def cancel_latency(runs: int) -> None:
     """cancel() on the real Kimi CLI while the agent runs an approved `sleep 5` tool: how
     long cancel() takes to return, and how long until the call raises TurnCancelledError."""
-    try:
-        import kimi_echo
-    except ImportError:
+    kimi_echo = installed_kimi("cancel(), real Kimi CLI")
+    if kimi_echo is None:
         return
-    if not kimi_echo.venv_python().exists():
-        return
-    import tempfile
-    import threading
 
     tool = json.dumps({"id": "tc-1", "name": "Shell", "arguments": json.dumps({"command": "sleep 5"})})
     for protocol in ("wire", "acp"):
