@@ -45,6 +45,7 @@ from typing import (
     Iterable,
     List,
     Mapping,
+    NoReturn,
     Optional,
     Protocol,
     Sequence,
@@ -800,16 +801,22 @@ _READ_SIZE = 1 << 16
 _POLL_SLICE = 0.25  # how often a quiet wait checks whether the child is still alive
 _STDERR_KEEP_LINES = 40
 _STDERR_LINE_CHARS = 500
+_LEGACY_SETTLE = 1.0  # after the legacy probe's answer, how long initialize's may still take
 
 
-class _LineTooLong(Exception):
-    pass
+class _LineTooLong(ParseError):
+    """A line past the cap: the child that sent it cannot be read any further."""
+
+    def __init__(self, head: bytes, limit: int) -> None:
+        super().__init__(
+            head.decode("utf-8", "replace"),
+            f"the agent sent a line longer than {limit} bytes; the agent process was ended",
+        )
 
 
-def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """Close the child's input, give it ``grace`` seconds to exit (then SIGTERM and one
-    more second), then SIGKILL its whole process group (grandchildren included) and reap
-    it. With no grace it goes straight to SIGKILL."""
+def _ask_to_exit(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Close the child's input and give it ``grace`` seconds to exit, then SIGTERM and one
+    more second."""
     _close_quietly(proc.stdin)
     if grace > 0:
         try:
@@ -820,12 +827,38 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
                 proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _end_child(
+    proc: subprocess.Popen[bytes], selector: selectors.BaseSelector, wake_fds: Tuple[int, int]
+) -> None:
+    """SIGKILL the child's whole process group, reap it, close every descriptor. Run once,
+    by ``close()`` or, for a caller who forgot it, at garbage collection or exit."""
     # Grandchildren may outlive a leader that exited on its own; the group id stays the
     # leader's pid, so this reaches them too.
+    _close_quietly(proc.stdin)
     _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
     _close_quietly(proc.stdout)
     _close_quietly(proc.stderr)
+    selector.close()
+    for fd in wake_fds:
+        os.close(fd)
+
+
+def _write_without_sigpipe(fd: int, data: Union[bytes, bytearray]) -> int:
+    """``os.write`` that gets EPIPE, never SIGPIPE, whatever the host did with that signal
+    (Python ignores it, but a host may restore the default, which kills the process)."""
+    if signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN:
+        return os.write(fd, data)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        return os.write(fd, data)
+    finally:
+        if signal.SIGPIPE not in blocked:
+            if signal.SIGPIPE in signal.sigpending():
+                signal.sigwait({signal.SIGPIPE})  # take ours before unblocking
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _close_quietly(stream: Optional[Any]) -> None:
@@ -846,7 +879,9 @@ def _signal_group(pgid: int, sig: int) -> None:
 class _ChildProcess:
     """A child speaking JSON lines on stdin/stdout, read by one ``selectors`` loop over the
     raw pipes. stderr is drained in the same loop (a full pipe would stall the child) and
-    its last lines are kept for error messages. Not thread-safe: callers serialize."""
+    its last lines are kept for error messages. One caller at a time reads and writes;
+    ``wake()`` and ``close()`` may come from any thread (close waits for the reader to let
+    go, so no descriptor is used after it is closed)."""
 
     def __init__(
         self,
@@ -884,6 +919,7 @@ class _ChildProcess:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._wake_lock = threading.Lock()
+        self._io_lock = threading.RLock()  # held while reading or writing; close() takes it
         self.woken = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._stdout, selectors.EVENT_READ)
@@ -898,7 +934,7 @@ class _ChildProcess:
         self._eof = False
         self.closed = False
         self._finalizer = weakref.finalize(
-            self, _finalize_child, self._proc, self._selector, (self._wake_read, self._wake_write)
+            self, _end_child, self._proc, self._selector, (self._wake_read, self._wake_write)
         )
 
     @property
@@ -907,7 +943,9 @@ class _ChildProcess:
 
     @property
     def alive(self) -> bool:
-        return not self.closed and not self._eof and self._proc.poll() is None
+        """Whether the child can take the next message: running, and with no half-written
+        line in its input (a write cut short cannot be taken back)."""
+        return not self.closed and not self._eof and not self._outbox and self._proc.poll() is None
 
     def stderr_tail(self) -> List[str]:
         lines = list(self._stderr_tail)
@@ -921,19 +959,28 @@ class _ChildProcess:
         """The next complete line, or None when ``deadline`` (monotonic) passes first or
         ``wake()`` was called; a deadline already past still takes what the pipe holds.
         Raises TransientNetworkError once the child has ended and every line is read."""
-        polled = False
-        while not self.lines:
-            if self._eof:
-                raise self.ended_error()
-            if self.woken:
-                self.woken = False
-                return None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and polled:
-                return None
-            self._pump(min(max(remaining, 0.0), _POLL_SLICE))
-            polled = True
-        return self.lines.popleft()
+        with self._io_lock:
+            polled = False
+            while not self.lines:
+                self._check_open()
+                if self._eof:
+                    raise self.ended_error()
+                if self.woken:
+                    self.woken = False
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and polled:
+                    return None
+                self._pump(min(max(remaining, 0.0), _POLL_SLICE))
+                polled = True
+            return self.lines.popleft()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise LlmError(
+                "the agent process was closed while this call was using it (close() from "
+                "another thread); create a new client or transport to go on"
+            )
 
     def wake(self) -> None:
         """Make a ``read_line`` waiting in another thread return None now. Thread-safe."""
@@ -952,7 +999,7 @@ class _ChildProcess:
                 # The leader exited; a grandchild may still hold the pipe open, so EOF
                 # might never come: take what is buffered and call it the end.
                 self._drain_quietly()
-                self._eof = True
+                self._end_of_output()
             return
         for key, mask in events:
             if key.fd == self._wake_read:
@@ -974,12 +1021,18 @@ class _ChildProcess:
             if chunk:
                 self._feed(chunk)
             else:
-                self._eof = True
+                self._end_of_output()
                 self._unregister(fd)
         elif chunk:
             self._feed_stderr(chunk)
         else:
             self._unregister(fd)
+
+    def _end_of_output(self) -> None:
+        if self._partial:  # a last line without its newline still counts
+            self.lines.append(bytes(self._partial))
+            self._partial = bytearray()
+        self._eof = True
 
     def _drain_quietly(self) -> None:
         for fd in (self._stdout, self._stderr):
@@ -1021,10 +1074,15 @@ class _ChildProcess:
             if len(parts[0]) > self._max_line or (
                 len(chunk) > self._max_line and any(len(part) > self._max_line for part in parts)
             ):
-                raise _LineTooLong(max(parts, key=len)[:200])
+                self._too_long(max(parts, key=len))
             self.lines.extend(parts)
         if len(self._partial) > self._max_line:
-            raise _LineTooLong(bytes(self._partial[:200]))
+            self._too_long(bytes(self._partial[:200]))
+
+    def _too_long(self, line: bytes) -> NoReturn:
+        self._eof = True  # the rest of that line cannot be told from the next ones
+        self._partial = bytearray()
+        raise _LineTooLong(line[:200], self._max_line)
 
     def _feed_stderr(self, chunk: bytes) -> None:
         parts = chunk.split(b"\n")
@@ -1041,28 +1099,33 @@ class _ChildProcess:
 
     def write(self, data: bytes, timeout: float) -> None:
         """Send ``data``, reading meanwhile so that a child busy writing cannot deadlock us.
-        A dead child is TransientNetworkError, a child that will not read is a timeout."""
-        if self.closed:
-            raise TransientNetworkError("the agent process was already closed")
-        self._outbox += data
-        self._flush_outbox()
-        if not self._outbox:
-            return  # the common case: the pipe took it all
-        deadline = time.monotonic() + timeout
-        while self._outbox:
-            if self._eof or self._proc.poll() is not None:
+        A dead child is TransientNetworkError, a child that will not read is a timeout;
+        after either (or an interrupt) part of ``data`` may be unsent, and the child is no
+        longer ``alive``."""
+        with self._io_lock:
+            self._check_open()
+            if not self.alive:
                 raise self.ended_error()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise LlmTimeoutError(
-                    timeout, f"the agent read none of our input for {timeout:g} s; it may be stuck"
-                )
-            self._pump(min(remaining, _POLL_SLICE))
+            self._outbox += data
+            self._flush_outbox()
+            if not self._outbox:
+                return  # the common case: the pipe took it all
+            deadline = time.monotonic() + timeout
+            while self._outbox:
+                self._check_open()
+                if self._eof or self._proc.poll() is not None:
+                    raise self.ended_error()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LlmTimeoutError(
+                        timeout, f"the agent read none of our input for {timeout:g} s; it may be stuck"
+                    )
+                self._pump(min(remaining, _POLL_SLICE))
 
     def _flush_outbox(self) -> None:
         while self._outbox:
             try:
-                written = os.write(self._stdin, self._outbox)
+                written = _write_without_sigpipe(self._stdin, self._outbox)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as err:  # EPIPE and friends: the child is gone
@@ -1090,29 +1153,21 @@ class _ChildProcess:
         )
 
     def close(self, grace: float = 2.0) -> None:
+        """Let the child exit within ``grace`` seconds, then end its process group. An
+        interrupt during the wait ends the group at once (and is raised after)."""
         with self._wake_lock:
             if self.closed:
                 return
             self.closed = True
-        self._finalizer.detach()
+            try:
+                os.write(self._wake_write, b"!")  # a reader in another thread lets go
+            except OSError:
+                pass
         try:
-            _kill_group(self._proc, grace)
+            with self._io_lock:
+                _ask_to_exit(self._proc, grace)
         finally:
-            self._selector.close()
-            with self._wake_lock:
-                os.close(self._wake_read)
-                os.close(self._wake_write)
-
-
-def _finalize_child(
-    proc: subprocess.Popen[bytes], selector: selectors.BaseSelector, wake_fds: Tuple[int, int]
-) -> None:
-    # Runs at garbage collection or interpreter exit for a caller who forgot close():
-    # no grace, the process is unreachable anyway.
-    _kill_group(proc, 0.0)
-    selector.close()
-    for fd in wake_fds:
-        os.close(fd)
+            self._finalizer()  # runs _end_child once, whatever interrupted the wait
 
 
 def _require_posix(what: str, os_name: str = os.name) -> None:
@@ -1222,10 +1277,14 @@ class _JsonRpcStdio:
     """A JSON-RPC peer in a child process, started on first use and again after it died.
 
     Subclasses give the handshake. ``close()`` ends it for good; ``reset()`` ends the
-    current child so that the next call starts a fresh one.
+    current child so that the next call starts a fresh one. Only starting (``start()``,
+    a prompt, a session) starts a child: an answer or a cancel sent to a child that died
+    is TransientNetworkError. ``deadline`` (a ``time.monotonic()`` time, or None), set by
+    the client for the call it runs, bounds start-up, writes and opening a session.
     """
 
     initialize_optional = False  # whether a peer that does not know initialize is fine
+    protocol = ""  # what this transport speaks, for error messages
 
     def __init__(
         self,
@@ -1253,6 +1312,8 @@ class _JsonRpcStdio:
         self._ids = itertools.count(1)
         self.generation = 0  # how many children were started: a new one has no session
         self.peer_info: Any = None
+        self.deadline: Optional[float] = None
+        self._ever_started = False  # a handshake once succeeded: the command does work
 
     # -- life cycle --
 
@@ -1274,6 +1335,15 @@ class _JsonRpcStdio:
     def start(self) -> None:
         """Start the child and finish the handshake now (otherwise the first call does)."""
         self._live_child()
+
+    def time_left(self, seconds: float, what: str) -> float:
+        """``seconds``, cut to what is left before ``deadline``; LlmTimeoutError if none is."""
+        if self.deadline is None:
+            return seconds
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise LlmTimeoutError(seconds, f"the call's deadline passed before {what}")
+        return min(seconds, left)
 
     def wake(self) -> None:
         """Make a ``read_message`` waiting in another thread give up now (it raises
@@ -1310,13 +1380,22 @@ class _JsonRpcStdio:
         if child is not None:
             logger.info("agent process %d ended; starting a new one", child.pid)
             self.reset()
+        timeout = self.time_left(self.startup_timeout, "the agent could start")
         child = _ChildProcess(self.argv, cwd=self.cwd, env=self.env, max_line_bytes=self.max_line_bytes)
         self._child = child
         try:
-            self.peer_info = self._handshake(child, time.monotonic() + self.startup_timeout)
+            self.peer_info = self._handshake(child, timeout)
+        except LlmTimeoutError as err:
+            self.reset()
+            if not self._ever_started:
+                # A command that never once started will not start on a retry either.
+                err.args = (f"{err}; not retried: this agent command has not started once",)
+                err._not_retried = True
+            raise
         except BaseException:
             self.reset()
             raise
+        self._ever_started = True
         self.generation += 1
         logger.debug("agent process %d ready: %s", child.pid, shlex.join(self.argv))
         return child
@@ -1324,21 +1403,39 @@ class _JsonRpcStdio:
     def _initialize_params(self) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def _handshake(self, child: _ChildProcess, deadline: float) -> Any:
+    def _handshake(self, child: _ChildProcess, timeout: float) -> Any:
         """Send initialize and wait for its answer: the peer's only "ready" signal."""
         request_id = self.next_id()
         initialize = {"jsonrpc": "2.0", "id": request_id, "method": "initialize"}
-        child.write(_dumps({**initialize, "params": self._initialize_params()}), self.write_timeout)
-        answer = self._await_response(child, request_id, deadline, "initialize")
+        child.write(_dumps({**initialize, "params": self._initialize_params()}), timeout)
+        answer = self._await_response(child, request_id, timeout, "initialize")
+        if answer is None:
+            logger.info("the agent does not answer initialize (an older release); carrying on without it")
+            return None
         if isinstance(answer, ErrorResponse):
             if answer.code == -32601 and self.initialize_optional:
                 logger.info("the agent predates initialize; carrying on without it")
                 return None
             raise PeerStartError(
                 f"the agent command {shlex.join(self.argv)!r} refused initialize: "
-                f"{answer.code} {answer.message}"
+                f"{answer.code} {answer.message}{self._other_protocol(answer)}"
+            )
+        if isinstance(answer, SuccessResponse) and self._other_protocol(answer):
+            raise PeerStartError(
+                f"the agent command {shlex.join(self.argv)!r} answered initialize in another "
+                f"protocol{self._other_protocol(answer)}"
             )
         return answer.result if isinstance(answer, SuccessResponse) else None
+
+    def _other_protocol(self, answer: Union[SuccessResponse, ErrorResponse]) -> str:
+        """A hint when the answer to initialize shows that the agent speaks the other
+        protocol, else "" (each subclass knows the other's signs)."""
+        return ""
+
+    def _legacy_probe(self) -> Optional[Dict[str, Any]]:
+        """A request that an older peer, which drops initialize unanswered, does answer:
+        its answer coming alone means the peer is one of those (None: no such peer)."""
+        return None
 
     # -- messages --
 
@@ -1346,10 +1443,19 @@ class _JsonRpcStdio:
         return f"omk-{next(self._ids)}"
 
     def send(self, obj: Mapping[str, Any]) -> None:
-        child = self._live_child()
+        """Write one message to the running child (never a new one: what it answers or
+        cancels belongs to the child that asked). A write that failed, timed out or was cut
+        short ends the child, since part of the line may be in its input."""
+        child = self._child
+        if child is None:
+            raise TransientNetworkError("no agent process is running (it was ended); send a prompt to start one")
+        timeout = self.write_timeout
+        if self.deadline is not None:
+            # past the deadline a write still goes if the pipe takes it at once (a cancel)
+            timeout = max(0.0, min(timeout, self.deadline - time.monotonic()))
         try:
-            child.write(_dumps(obj), self.write_timeout)
-        except TransientNetworkError:
+            child.write(_dumps(obj), timeout)
+        except LlmError:
             self.reset()
             raise
 
@@ -1382,14 +1488,7 @@ class _JsonRpcStdio:
         while True:
             try:
                 line = child.read_line(deadline)
-            except _LineTooLong as err:
-                self.reset()
-                raise ParseError(
-                    err.args[0].decode("utf-8", "replace"),
-                    f"the agent sent a line longer than {self.max_line_bytes} bytes; "
-                    "the agent process was ended",
-                ) from None
-            except TransientNetworkError:
+            except (_LineTooLong, TransientNetworkError):
                 self.reset()
                 raise
             if line is None:
@@ -1399,33 +1498,56 @@ class _JsonRpcStdio:
                 return message
 
     def _await_response(
-        self, child: _ChildProcess, request_id: Any, deadline: float, what: str
-    ) -> WireMessage:
+        self, child: _ChildProcess, request_id: Any, timeout: float, what: str
+    ) -> Optional[Union[SuccessResponse, ErrorResponse]]:
         """Read until the response to ``request_id`` during start-up, keeping what else the
-        child printed for the error message."""
+        child printed for the error message. None: the peer answered only the legacy probe
+        (sent with the first request), so it is an older one that drops ``request_id``."""
+        deadline = time.monotonic() + timeout
         stray: List[bytes] = []
+        probe = self._legacy_probe()
+        if probe is not None:
+            child.write(_dumps(probe), timeout)
+        probe_answered: Optional[float] = None
         while True:
+            if probe_answered is not None:
+                # a current peer may answer the probe first, but initialize right after it
+                wait_until = min(deadline, probe_answered + _LEGACY_SETTLE)
+            else:
+                wait_until = deadline
             try:
-                line = child.read_line(deadline)
+                line = child.read_line(wait_until)
             except TransientNetworkError:
                 raise self._start_error(child, stray, "exited before it answered " + what) from None
             except _LineTooLong as err:
-                raise self._start_error(child, [err.args[0]], "printed an endless line") from None
+                raise self._start_error(child, [err.raw.encode()], "printed an endless line") from None
             if line is None:
-                if time.monotonic() < deadline:
+                now = time.monotonic()
+                if probe_answered is not None and now >= wait_until:
+                    return None
+                if now < deadline:
                     continue  # woken by cancel(): the handshake finishes all the same
                 raise LlmTimeoutError(
-                    self.startup_timeout,
+                    timeout,
                     f"the agent ({shlex.join(self.argv)}) did not answer {what} within "
-                    f"{self.startup_timeout:g} s{_quote_stderr(child.stderr_tail())}",
+                    f"{timeout:g} s{_quote_stderr(child.stderr_tail())}",
                 )
             message = _decode_line(line)
             if message is None:
                 if line.strip():
                     stray.append(line)
                 continue
-            if isinstance(message, (SuccessResponse, ErrorResponse)) and message.id == request_id:
-                return message
+            if isinstance(message, (SuccessResponse, ErrorResponse)):
+                if message.id == request_id:
+                    return message
+                if probe is not None and message.id == probe["id"]:
+                    probe_answered = time.monotonic()
+                elif message.id is None and isinstance(message, ErrorResponse):
+                    raise PeerStartError(
+                        f"the agent command {shlex.join(self.argv)!r} could not read our {what} "
+                        f"({message.code} {message.message}, naming no request){self._other_protocol(message)}"
+                    )
+                continue
             if isinstance(message, Request):
                 refusal = {"code": -32601, "message": "omk_llm is not ready for requests yet"}
                 child.write(
@@ -1742,6 +1864,9 @@ class _AgentLlmClient(_TurnCalls):
         self._turn_thread: Optional[int] = None  # the thread that runs the turn (re-entry)
         self._running: Optional[_Turn] = None  # the turn being read: a prompt's, or a /clear
         self._attempt_turn: Optional[_Turn] = None  # the prompt's turn, from before its /clear
+        # A cancelled turn whose call ran out of time before it settled, and when its
+        # cancel_grace ends: the next call reads it to its end before its own prompt.
+        self._unsettled: Optional[Tuple[_Turn, float, int]] = None
         self._client = self  # its own calls (_TurnCalls) go to its own context
         self._context = _Context(keep_history=False)
 
@@ -1828,28 +1953,8 @@ class _AgentLlmClient(_TurnCalls):
                 "approval callable) while its turn runs; the agent runs one turn at a time, so "
                 "use another client there"
             )
-        with self._lock:
-            self._turn_thread = threading.get_ident()
-            try:
-                return self._locked_attempt(
-                    context, text, prompt_tokens, budget, on_text, call_deadline, escape
-                )
-            finally:
-                self._turn_thread = None
-
-    def _locked_attempt(
-        self,
-        context: _Context,
-        text: str,
-        prompt_tokens: int,
-        budget: Optional[TokenBudget],
-        on_text: Optional[TextCallback],
-        call_deadline: Optional[float],
-        escape: bool,
-    ) -> LlmResponse:
-        if context.closed:
-            raise LlmError("this conversation was closed; open a new one with client.conversation()")
-        self._check_context_free(context)
+        # One deadline for everything the attempt does: the wait for the client, starting
+        # the agent, opening a session, writing, the turn, and the drain after a cancel.
         timeout = self.config.timeout
         if call_deadline is not None:
             left = call_deadline - time.monotonic()
@@ -1858,10 +1963,42 @@ class _AgentLlmClient(_TurnCalls):
                 raise LlmTimeoutError(whole, f"the retry policy's deadline of {whole:g} s has passed")
             timeout = min(timeout, left)
         deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
+            raise LlmTimeoutError(
+                timeout,
+                f"another call on this client held it for the whole {timeout:g} s (a client "
+                "runs one turn at a time; use more clients to run prompts side by side)",
+            )
+        bounded = hasattr(self.transport, "deadline")
+        try:
+            self._turn_thread = threading.get_ident()
+            if bounded:
+                self.transport.deadline = deadline  # type: ignore[attr-defined]
+            return self._locked_attempt(context, text, prompt_tokens, budget, on_text, deadline, escape)
+        finally:
+            self._turn_thread = None
+            if bounded:
+                self.transport.deadline = None  # type: ignore[attr-defined]
+            self._lock.release()
+
+    def _locked_attempt(
+        self,
+        context: _Context,
+        text: str,
+        prompt_tokens: int,
+        budget: Optional[TokenBudget],
+        on_text: Optional[TextCallback],
+        deadline: float,
+        escape: bool,
+    ) -> LlmResponse:
+        if context.closed:
+            raise LlmError("this conversation was closed; open a new one with client.conversation()")
+        self._check_context_free(context)
         turn = _Turn(context, on_text, prompt_tokens, budget)
         had_history = context.turns > 0
         self._attempt_turn = turn
         try:
+            self._settle_previous(deadline)
             self._prepare(context, deadline)
             prompt = _as_plain_text(text, self._is_kimi()) if escape else text
             self._run(turn, prompt, deadline)
@@ -1929,7 +2066,7 @@ class _AgentLlmClient(_TurnCalls):
             try:
                 answer = self._read_until_answer(turn, deadline)
             except _Stop as stop:
-                settled = self._cancel_and_drain(turn)
+                settled = self._cancel_and_drain(turn, deadline)
                 raise self._stopped(stop.reason, turn) from None
             settled = True
             self._finish(answer, turn)
@@ -1991,35 +2128,64 @@ class _AgentLlmClient(_TurnCalls):
             turn.approvals += 1
         self._answer_approval(request, decision)
 
-    def _cancel_and_drain(self, turn: _Turn) -> bool:
+    def _cancel_and_drain(self, turn: _Turn, deadline: float) -> bool:
         """Cancel the turn and read until its answer, so that nothing of it leaks into the
-        next prompt. False when the peer did not settle within ``cancel_grace`` (then the
-        caller ends it)."""
+        next prompt, within ``cancel_grace`` and the call's ``deadline``. When the deadline
+        comes first, the next call reads the rest before its prompt (``_settle_previous``).
+        False when the peer cannot settle (then the caller ends it)."""
         turn.draining = True
         try:
             self._send_cancel(turn)
             for request in turn.pending:
                 self._answer_cancelled(request, turn)
-            limit = time.monotonic() + self.cancel_grace
-            while True:
-                remaining = limit - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    message = self.transport.read_message(remaining)
-                except LlmTimeoutError:
-                    continue
-                if isinstance(message, Request):
-                    self._answer_cancelled(message, turn)
-                elif isinstance(message, Event):
-                    self._on_event(message, turn)  # its usage still counts
-                elif message.id == turn.prompt_id:
-                    logger.info("turn cancelled and drained")
-                    return True
+            grace_end = time.monotonic() + self.cancel_grace
+            if self._drain(turn, min(grace_end, deadline)):
+                return True
+            if deadline < grace_end:
+                self._unsettled = (turn, grace_end, self._transport_generation())
+                return True
         except LlmError as err:
             logger.debug("drain after cancel ended by %s", err)
         logger.warning("the agent did not settle within %g s after cancel; ending it", self.cancel_grace)
         return False
+
+    def _drain(self, turn: _Turn, limit: float) -> bool:
+        """Read a cancelled turn until its answer (True), or until ``limit`` (False)."""
+        while True:
+            remaining = limit - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                message = self.transport.read_message(remaining)
+            except LlmTimeoutError:
+                continue
+            if isinstance(message, Request):
+                self._answer_cancelled(message, turn)
+            elif isinstance(message, Event):
+                self._on_event(message, turn)  # its usage still counts
+            elif message.id == turn.prompt_id:
+                logger.info("turn cancelled and drained")
+                return True
+
+    def _settle_previous(self, deadline: float) -> None:
+        """Read the rest of a cancelled turn that an earlier call left (its time ran out),
+        or end the agent if it does not settle in its ``cancel_grace``."""
+        unsettled, self._unsettled = self._unsettled, None
+        if unsettled is None:
+            return
+        turn, grace_end, generation = unsettled
+        if generation != self._transport_generation():
+            return  # that agent process is gone, and the turn with it
+        try:
+            if self._drain(turn, min(grace_end, deadline)):
+                return
+        except LlmError as err:
+            logger.debug("settling the cancelled turn ended by %s", err)
+        logger.warning("the agent did not settle within %g s after cancel; ending it", self.cancel_grace)
+        self.transport.reset()
+
+    def _transport_generation(self) -> int:
+        return int(getattr(self.transport, "generation", 0))
 
     def _answer_cancelled(self, request: Request, turn: _Turn) -> None:
         if self._is_approval(request):
@@ -2179,6 +2345,7 @@ class StdioWire(_JsonRpcStdio):
     died. A context manager; ``close()`` ends the child's whole process group."""
 
     initialize_optional = True  # a peer older than protocol 1.10 answers -32601
+    protocol = "wire"
 
     def __init__(
         self,
@@ -2210,12 +2377,28 @@ class StdioWire(_JsonRpcStdio):
         }
 
     def start_prompt(self, text: PromptText) -> Any:
+        """Send a prompt, starting the agent first if it is not running."""
+        self._live_child()
         user_input: Any = text if isinstance(text, str) else [{"type": "text", "text": part} for part in text]
         return self.send_request("prompt", {"user_input": user_input})
 
     def cancel(self) -> None:
         if self._child is not None:
-            self.send_request("cancel", {})
+            # No params at all: releases before 0.80 drop a cancel that carries {}
+            self.send({"jsonrpc": "2.0", "id": self.next_id(), "method": "cancel"})
+
+    def _legacy_probe(self) -> Optional[Dict[str, Any]]:
+        # kimi-cli 0.59-0.78 drop initialize unanswered but answer a cancel (-32000)
+        return {"jsonrpc": "2.0", "id": "omk-legacy-probe", "method": "cancel"}
+
+    def _other_protocol(self, answer: Union[SuccessResponse, ErrorResponse]) -> str:
+        text = json.dumps(answer.result if isinstance(answer, SuccessResponse) else answer.data)
+        if "protocolVersion" not in text and "agentCapabilities" not in text:
+            return ""
+        return (
+            "; the agent speaks ACP, not the wire protocol: use AcpStdio and AcpLlmClient "
+            "(on the command line, --acp)"
+        )
 
 
 def _wire_error(error: ErrorResponse) -> LlmError:
@@ -2476,8 +2659,21 @@ class AcpStdio(_JsonRpcStdio):
         self.session_id: Optional[str] = None
         self._session_generation = -1
 
+    protocol = "ACP"
+
     def next_id(self) -> int:
         return next(self._ids)
+
+    def _other_protocol(self, answer: Union[SuccessResponse, ErrorResponse]) -> str:
+        # Kimi's wire server refuses a request with a number for its id (ACP's kind) as an
+        # invalid request naming none; its answer to initialize has protocol_version.
+        wire_answer = isinstance(answer, SuccessResponse) and "protocol_version" in json.dumps(answer.result)
+        if not wire_answer and not (isinstance(answer, ErrorResponse) and answer.id is None):
+            return ""
+        return (
+            "; the agent most likely speaks Kimi's wire protocol, not ACP: use StdioWire and "
+            "WireLlmClient (on the command line, without --acp)"
+        )
 
     def _initialize_params(self) -> Dict[str, Any]:
         return {
@@ -2498,12 +2694,13 @@ class AcpStdio(_JsonRpcStdio):
     def new_session(self) -> str:
         """Open a new session (starting the agent if it is not running) and return its id."""
         self._live_child()
+        timeout = self.time_left(self.startup_timeout, "a session could open")
         request_id = self.send_request("session/new", {"cwd": self.session_work_dir(), "mcpServers": []})
-        deadline = time.monotonic() + self.startup_timeout
+        deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LlmTimeoutError(self.startup_timeout, "the agent did not answer session/new in time")
+                raise LlmTimeoutError(timeout, f"the agent did not answer session/new within {timeout:g} s")
             try:
                 message = self.read_message(remaining)
             except LlmTimeoutError:

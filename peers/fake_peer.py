@@ -31,7 +31,9 @@ trimmed, start with /name and then white space or the end: /clear empties the hi
 joined as they are.
 
 Options: --acp, --old (wire: answer -32601 to initialize), --banner TEXT (print it and
-exit 0, like kimi-cli 1.52.0's ``kimi`` script), --silent (never answer initialize),
+exit 0, like kimi-cli 1.52.0's ``kimi`` script), --silent (answer nothing at all, a hung
+agent), --legacy (wire: drop initialize unanswered and a cancel that carries params, as
+kimi-cli 0.59-0.78 do),
 --exit-after N (exit after N prompts), --startup-delay S, --auth-required (ACP),
 --agent-name NAME (what initialize says the agent is; "Kimi Code CLI" acts as Kimi),
 --persistent-always (ACP: name the allow_always option "Always allow", as agents that
@@ -333,11 +335,13 @@ class Peer:
         method = message.get("method")
         request_id = message.get("id")
         params = message.get("params") or {}
+        if self.opts.silent:
+            return
+        if self.opts.legacy and (method == "initialize" or (method == "cancel" and "params" in message)):
+            return
         if method is None:
             self.answers.put(message)
         elif method == "initialize":
-            if self.opts.silent:
-                return
             if self.opts.old:
                 self.fail(request_id, -32601, "Unexpected method received: initialize")
             elif self.acp:
@@ -412,6 +416,7 @@ def main() -> None:
     parser.add_argument("--acp", action="store_true")
     parser.add_argument("--old", action="store_true")
     parser.add_argument("--silent", action="store_true")
+    parser.add_argument("--legacy", action="store_true")
     parser.add_argument("--banner")
     parser.add_argument("--exit-after", type=int, default=0)
     parser.add_argument("--startup-delay", type=float, default=0.0)
