@@ -50,6 +50,7 @@ from typing import (
     Protocol,
     Sequence,
     Tuple,
+    Type,
     TypeVar,
     Union,
     cast,
@@ -297,6 +298,18 @@ class LlmError(Exception):
 
     effects: Optional[TurnEffects] = None
     _not_retried = False  # a client found that retrying would repeat what the turn did
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # Exception pickles as cls(*args), which the subclasses' own signatures break;
+        # rebuild from the message and the attributes instead (a process pool needs it).
+        return (_rebuilt_error, (type(self), self.args, dict(vars(self))))
+
+
+def _rebuilt_error(cls: Type[LlmError], args: Tuple[Any, ...], attributes: Dict[str, Any]) -> LlmError:
+    err = cls.__new__(cls, *args)
+    err.args = args
+    vars(err).update(attributes)
+    return err
 
 
 class LlmTimeoutError(LlmError, TimeoutError):
@@ -548,7 +561,7 @@ class _EncodingSlot:
         self.encoder: Optional[_Encoder] = None
         self.error: Optional[BaseException] = None
         self.done = threading.Event()
-        self.waited = False
+        self.started = time.monotonic()
         self.fallback_logged = False
         thread = threading.Thread(target=self._load, args=(loader,), name=f"omk_llm-load-{name}", daemon=True)
         thread.start()
@@ -656,14 +669,13 @@ class CostEstimator:
             slot = _ENCODINGS.get(key)
             if slot is None:
                 slot = _ENCODINGS[key] = _EncodingSlot(self._load_encoding, name)
-            first_wait = not slot.waited
-            slot.waited = True
             self._slots[model] = slot
-        # Only the first caller waits for the load; later callers use the fallback until
-        # the background load finishes, so a hung download costs one bounded wait.
-        if first_wait:
-            slot.done.wait(self._load_timeout)
-        if slot.done.is_set() and slot.encoder is not None:
+        # Every caller waits for the one load, until load_timeout after it began: callers
+        # that come together all get the exact count, and a hung download costs one
+        # bounded wait (later callers use the fallback until it finishes).
+        if not slot.done.is_set():
+            slot.done.wait(max(0.0, slot.started + self._load_timeout - time.monotonic()))
+        if slot.encoder is not None:
             return slot.encoder
         with _ENCODINGS_LOCK:
             if not slot.fallback_logged:
@@ -789,7 +801,29 @@ def _check_prompt(prompt: object) -> str:
         raise InvalidPromptError(f"the prompt must be text (str), got {type(prompt).__name__}")
     if not prompt.strip():
         raise InvalidPromptError("the prompt is empty; send some text")
+    if not prompt.isascii():
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidPromptError(
+                f"the prompt is not valid Unicode text: it holds a lone surrogate "
+                f"({prompt[err.start]!r} at character {err.start}), which is what undecodable "
+                "bytes in a file name, argv or stdin become; decode that input as UTF-8 "
+                "(errors='replace' keeps the rest) before sending it"
+            ) from None
     return prompt
+
+
+def _encodable(text: str) -> str:
+    """``text`` with any lone surrogate (a peer's bad ``\\ud800`` escape) replaced, so that
+    an answer can always be printed and encoded."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return re.sub("[\ud800-\udfff]", "\ufffd", text)
+    return text
 
 
 # ======================================================================================
@@ -1270,7 +1304,11 @@ _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # o
 
 
 def _dumps(obj: Any) -> bytes:
-    return _json_encoder.encode(obj).encode("utf-8") + b"\n"
+    text = _json_encoder.encode(obj)
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate the peer sent us, echoed back: escape it
+        return json.dumps(obj, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 class _JsonRpcStdio:
@@ -1353,10 +1391,12 @@ class _JsonRpcStdio:
             child.wake()
 
     def reset(self) -> None:
-        """End the current child (its whole process group); the next call starts anew."""
+        """End the current child (its whole process group); the next call starts anew. It
+        gets half a second to exit by itself, within what is left before ``deadline``."""
         child, self._child = self._child, None
         if child is not None:
-            child.close(grace=0.5)
+            grace = 0.5 if self.deadline is None else min(0.5, max(0.0, self.deadline - time.monotonic()))
+            child.close(grace=grace)
 
     def close(self) -> None:
         """Close the child's input, wait briefly, then end its process group and reap it."""
@@ -1448,7 +1488,7 @@ class _JsonRpcStdio:
         short ends the child, since part of the line may be in its input."""
         child = self._child
         if child is None:
-            raise TransientNetworkError("no agent process is running (it was ended); send a prompt to start one")
+            raise TransientNetworkError("no agent process is running (it was ended); a prompt starts one")
         timeout = self.write_timeout
         if self.deadline is not None:
             # past the deadline a write still goes if the pipe takes it at once (a cancel)
@@ -1545,7 +1585,8 @@ class _JsonRpcStdio:
                 elif message.id is None and isinstance(message, ErrorResponse):
                     raise PeerStartError(
                         f"the agent command {shlex.join(self.argv)!r} could not read our {what} "
-                        f"({message.code} {message.message}, naming no request){self._other_protocol(message)}"
+                        f"({message.code} {message.message}, naming no request)"
+                        f"{self._other_protocol(message)}"
                     )
                 continue
             if isinstance(message, Request):
@@ -1581,11 +1622,11 @@ def _decode_line(line: bytes) -> Optional[WireMessage]:
         obj, end = _scan_json(text, 0)
         if end != len(text) and not text[end:].isspace():
             raise ValueError("extra data")
-    except (ValueError, StopIteration):
+    except (ValueError, StopIteration, RecursionError):
         if line.strip():
             try:  # leading white space is still JSON
                 obj = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested too deep for the decoder: junk
                 _skip(line, "JSON")
                 return None
         else:
@@ -1729,13 +1770,14 @@ class _Turn:
 
     def add_text(self, chunk: str) -> None:
         if chunk and not self.draining:
+            chunk = _encodable(chunk)
             self.text.append(chunk)
             if self.on_text is not None:
                 self.on_text(chunk)
 
     def add_thinking(self, chunk: str) -> None:
         if chunk and not self.draining:
-            self.thinking.append(chunk)
+            self.thinking.append(_encodable(chunk))
 
     def add_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         """One step's reported usage (each step is a model call, billed for its input)."""
@@ -1766,6 +1808,10 @@ class _Stop(Exception):
 # Patterns, not compiled objects: re caches them on first use, and import stays quick.
 _RATE_LIMIT = r"(?i)\b429\b|rate.?limit|too many requests"
 _RETRY_AFTER = r"(?i)retry.?after\D{0,3}(\d+(?:\.\d+)?)"
+_TRANSIENT_FAULT = (
+    r"(?i)time.?out|timed out|connect|network|temporar|unavailable|overload|try again"
+    r"|\b5\d\d\b|server error|reset by peer|\beof\b"
+)
 
 
 def _provider_error(message: str) -> LlmError:
@@ -1778,9 +1824,19 @@ def _provider_error(message: str) -> LlmError:
     return TransientNetworkError(f"the agent reported a provider or internal error: {message}")
 
 
-def _count(value: Any) -> int:
-    """A token count from the agent: a whole number of 0 or more, anything else 0."""
-    return value if type(value) is int and value > 0 else 0
+def _counts(usage: Mapping[str, Any], keys: Sequence[str]) -> Optional[List[int]]:
+    """The token counts under ``keys`` (a missing or null one is 0), or None when any is not
+    a whole number of 0 or more ("12k", 1e999, -5): then the agent's usage is not used."""
+    counts = []
+    for key in keys:
+        value = usage.get(key)
+        if value is None:
+            value = 0
+        elif type(value) is not int or value < 0:
+            logger.warning("ignoring the token usage the agent reported: %s is %r, not a count", key, value)
+            return None
+        counts.append(value)
+    return counts
 
 
 class WireClient(Protocol):
@@ -1919,6 +1975,7 @@ class _AgentLlmClient(_TurnCalls):
                 f"{command!r} is not an agent command (/name, then white space or the end); "
                 "send prompts with complete()"
             )
+        _check_prompt(command)
         prompt_tokens = self.cost_estimator.count_tokens(command, self.config.model)
         return self._attempt(context, command, prompt_tokens, budget, None, None, escape=False)
 
@@ -2412,7 +2469,8 @@ def _wire_error(error: ErrorResponse) -> LlmError:
 
 
 _WIRE_STATUS = {"finished": "stop", "max_steps_reached": "max_steps"}
-_WIRE_INPUT_TOKENS = ("input_other", "input_cache_read", "input_cache_creation")
+# the prompt's input counts, then the output count
+_WIRE_USAGE_KEYS = ("input_other", "input_cache_read", "input_cache_creation", "output")
 
 
 class WireLlmClient(_AgentLlmClient):
@@ -2549,10 +2607,9 @@ class WireLlmClient(_AgentLlmClient):
             turn.tools.append(str(name or "a tool"))
         elif kind == "StatusUpdate":
             usage = payload.get("token_usage")
-            if isinstance(usage, dict):
-                turn.add_usage(
-                    sum(_count(usage.get(key)) for key in _WIRE_INPUT_TOKENS), _count(usage.get("output"))
-                )
+            counts = _counts(usage, _WIRE_USAGE_KEYS) if isinstance(usage, dict) else None
+            if counts is not None:
+                turn.add_usage(sum(counts[:-1]), counts[-1])
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "ApprovalRequest"
@@ -2626,7 +2683,7 @@ _ACP_STOP = {
     "max_tokens": "length",
     "refusal": "refusal",
 }
-_ACP_INPUT_TOKENS = ("inputTokens", "cachedReadTokens", "cachedWriteTokens")
+_ACP_USAGE_KEYS = ("inputTokens", "cachedReadTokens", "cachedWriteTokens", "outputTokens")
 ACP_AUTH_REQUIRED = -32000  # the ACP error code for "authentication required"
 
 
@@ -2743,7 +2800,11 @@ class AcpStdio(_JsonRpcStdio):
             self.session_id = None
             return TransientNetworkError(f"the agent lost the session: {text}; a retry opens a new one")
         if error.code == -32603:
-            return _provider_error(text)
+            if re.search(_RATE_LIMIT, text) or re.search(_TRANSIENT_FAULT, text):
+                return _provider_error(text)
+            # Kimi wraps its configuration errors ("LLM not set", "'kimi' is not in list",
+            # a missing capability) this way too: a retry would meet them again.
+            return WireProtocolError(error.code, f"{text}; not retried: check the agent's configuration")
         return WireProtocolError(error.code, text)
 
     def _login_hint(self) -> str:
@@ -2837,8 +2898,10 @@ class AcpLlmClient(_AgentLlmClient):
         elif kind == "tool_call":
             turn.tools.append(str(update.get("title") or update.get("kind") or "a tool"))
         elif kind == "usage_update":
-            turn.context_used = max(turn.context_used, _count(update.get("used")))
-            turn.check_budget(turn.context_used)
+            used = _counts(update, ("used",))
+            if used is not None:
+                turn.context_used = max(turn.context_used, used[0])
+                turn.check_budget(turn.context_used)
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "session/request_permission"
@@ -2866,9 +2929,9 @@ class AcpLlmClient(_AgentLlmClient):
         if not isinstance(reason, str):
             raise ParseError(json.dumps(message.result), "the prompt's answer has no stopReason")
         usage = result.get("usage")
-        if isinstance(usage, dict):
-            prompt_tokens = sum(_count(usage.get(key)) for key in _ACP_INPUT_TOKENS)
-            turn.usage = [prompt_tokens, _count(usage.get("outputTokens"))]
+        counts = _counts(usage, _ACP_USAGE_KEYS) if isinstance(usage, dict) else None
+        if counts is not None:
+            turn.usage = [sum(counts[:-1]), counts[-1]]
         elif turn.context_used:
             # usage_update only says how full the context is: the prompt's share of that
             estimated_prompt, completion = self._tokens(turn)
@@ -3003,8 +3066,16 @@ def main(
 
     client: Optional[_AgentLlmClient] = None
     started = time.monotonic()
+    code = EXIT_FAILURE
     try:
-        prompt = stdin.read() if args.prompt == "-" else args.prompt
+        try:
+            prompt = stdin.read() if args.prompt == "-" else args.prompt
+        except UnicodeDecodeError as err:
+            return fail(
+                f"standard input is not UTF-8 text ({err.reason} at byte {err.start}); "
+                "convert it first, e.g. with iconv",
+                EXIT_USAGE,
+            )
         if args.acp:
             command = args.command or environ.get("OMK_LLM_ACP_COMMAND") or "kimi acp"
         else:
@@ -3050,17 +3121,23 @@ def main(
             f"finish: {response.finish_reason}",
             file=stderr,
         )
-        return EXIT_OK
+        code = EXIT_OK
     except ValueError as err:
-        return fail(str(err), EXIT_USAGE)
+        code = fail(str(err), EXIT_USAGE)
     except LlmError as err:
-        return fail(str(err), _exit_code(err))
+        code = fail(str(err), _exit_code(err))
     except KeyboardInterrupt:
-        return fail("interrupted", EXIT_INTERRUPTED)
+        code = fail("interrupted", EXIT_INTERRUPTED)
     finally:
-        if client is not None:
-            client.close()
-        logger.removeHandler(handler)
+        try:
+            if client is not None:
+                client.close()  # an interrupt here still ends the agent (close() sees to it)
+        except KeyboardInterrupt:
+            if code != EXIT_INTERRUPTED:
+                code = fail("interrupted", EXIT_INTERRUPTED)
+        finally:
+            logger.removeHandler(handler)
+    return code
 
 
 if __name__ == "__main__":

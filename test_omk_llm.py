@@ -8,15 +8,19 @@ skip when the peer is not installed, except under CI=true, where that is a failu
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import copy
 import json
 import logging
 import os
+import pickle
 import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -339,6 +343,58 @@ def test_error_messages_say_what_to_do() -> None:
     assert "raise LlmClientConfig.max_tokens" in str(ContextLengthExceededError(5000, 4096))
     assert "larger TokenBudget" in str(BudgetExhaustedError(90, 100, 20))
     assert "LlmClientConfig.timeout" in str(LlmTimeoutError(3.0))
+
+def _every_error() -> List[LlmError]:
+    partial = LlmResponse("so far", 3, 2, 5, "kimi-k2", "budget")
+    return [
+        LlmError("plain"),
+        LlmTimeoutError(2.5),
+        LlmTimeoutError(1.0, "start-up took too long"),
+        RateLimitedError("slow down", retry_after=3.0),
+        TransientNetworkError("agent died"),
+        InvalidPromptError("empty"),
+        ContextLengthExceededError(5000, 4096),
+        omk_llm.AuthenticationError("log in"),
+        ParseError("{raw", "no status"),
+        BudgetExhaustedError(10, 20, 30),
+        BudgetExhaustedError(25, 20, partial=partial, message="passed during the turn"),
+        TurnCancelledError("cancelled"),
+        WireProtocolError(-32001, "LLM not set"),
+        PeerStartError("no such command"),
+    ]
+
+
+@pytest.mark.parametrize("err", _every_error(), ids=lambda err: type(err).__name__)
+def test_every_error_survives_pickle_and_copy_with_its_attributes(err: LlmError) -> None:
+    err.effects = omk_llm.TurnEffects(("Shell",), 1, "partial")
+    err._not_retried = True
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err), copy.deepcopy(err)):
+        assert type(again) is type(err)
+        assert str(again) == str(err) and again.args == err.args
+        assert vars(again) == vars(err)
+
+
+def test_configs_and_responses_survive_pickle_and_copy() -> None:
+    for value in (
+        RetryPolicy(max_retries=5, deadline=9.0),
+        LlmClientConfig(model="kimi-k2", timeout=5.0, retry_policy=RetryPolicy(max_retries=1)),
+        LlmResponse("text", 1, 2, 3, "kimi-k2", "stop", "thought"),
+        LlmUsage(1, 2, 3, 0.5),
+        omk_llm.TurnEffects(("Shell",), 1, "x"),
+    ):
+        assert pickle.loads(pickle.dumps(value)) == value
+        assert copy.deepcopy(value) == value
+
+
+def _raise_a_timeout() -> None:
+    raise LlmTimeoutError(3.0)
+
+
+def test_an_error_raised_in_a_process_pool_worker_reaches_the_caller_as_itself() -> None:
+    with concurrent.futures.ProcessPoolExecutor(1) as pool, pytest.raises(LlmTimeoutError) as caught:
+        pool.submit(_raise_a_timeout).result(timeout=60)
+    assert caught.value.timeout == 3.0
+
 
 
 # ======================================================================================
@@ -667,6 +723,29 @@ def test_set_rate_overrides_and_adds_models() -> None:
     with pytest.raises(ValueError):
         estimator.set_rate("bad", -1)
 
+def test_threads_counting_together_all_wait_for_the_one_load(caplog: pytest.LogCaptureFixture) -> None:
+    class Encoder:
+        def encode_ordinary(self, text: str) -> List[int]:
+            return [0] * len(text.split())
+
+    def slow_loader(name: str) -> Any:
+        time.sleep(0.4)
+        return Encoder()
+
+    counts: List[int] = []
+    estimators = [CostEstimator(load_encoding=slow_loader, load_timeout=5.0) for _ in range(6)]
+    def count(estimator: CostEstimator) -> None:
+        counts.append(estimator.count_tokens("a b c d", "kimi-k2"))
+
+    threads = [threading.Thread(target=count, args=(estimator,)) for estimator in estimators]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counts == [4] * 6  # every one exact, none approximate
+    assert "approximate" not in caplog.text
+
+
 
 # ======================================================================================
 # Clients: the protocol and the mock
@@ -991,6 +1070,178 @@ def test_a_closed_transport_refuses_further_use() -> None:
     with pytest.raises(LlmError, match="closed"):
         wire.start_prompt("text: x")
 
+def test_a_last_line_without_its_newline_before_the_agent_exits_is_kept(protocol: str) -> None:
+    with agent_client(protocol, config=config(retry=NO_RETRY)) as client:
+        assert client.complete("text: the answer\nunterminated", budget()).content == "the answer"
+
+
+def test_a_line_nested_too_deep_to_decode_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    with wire_client() as client:
+        response = client.complete("nested: 300000\ntext: still here", budget())
+    assert response.content == "still here"
+    assert "not JSON" in caplog.text
+
+
+def _interrupt_soon(delay: float) -> threading.Timer:
+    """A real Ctrl-C (SIGINT to this process) after ``delay`` seconds."""
+    timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+HUGE = "\n" + ("pad " * 25 + "\n") * 20_000  # more than a pipe holds: the write waits for a read
+
+
+@pytest.mark.parametrize("cut_by", ["write_timeout", "interrupt"])
+def test_a_half_written_prompt_ends_its_agent_and_never_reaches_the_next_prompt(
+    protocol: str, cut_by: str
+) -> None:
+    transport = fake_transport(protocol, write_timeout=0.3)
+    client = CLIENTS[protocol](transport, config(retry=NO_RETRY, max_tokens=10**7))
+    with client, client.conversation() as chat:
+        assert chat.complete("pause-input: 2\ntext: one", budget()).content == "one"
+        first = transport.pid
+        if cut_by == "interrupt":
+            timer = _interrupt_soon(0.5)
+            with pytest.raises(KeyboardInterrupt):
+                chat.complete("text: two" + HUGE + "\nsleep: 5", budget())
+            timer.join()
+        else:
+            with pytest.raises(LlmTimeoutError, match="read none of our input"):
+                chat.complete("text: two" + HUGE, budget())
+        assert chat.complete("text: three", budget()).content == "three"  # not "twothree"
+        assert first is not None and not pid_alive(first)
+
+
+def test_a_long_line_read_while_a_write_waits_is_a_parse_error(protocol: str) -> None:
+    transport = fake_transport(protocol, max_line_bytes=100_000)
+    client = CLIENTS[protocol](transport, config(retry=NO_RETRY, max_tokens=10**7))
+    with client, client.conversation() as chat:
+        chat.complete("pause-input: 2\ndelayed-longline: 0.3 300000\ntext: one", budget())
+        with pytest.raises(ParseError, match="longer than 100000 bytes"):
+            chat.complete("text: two" + HUGE, budget())
+        assert chat.complete("text: three", budget()).content == "three"
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_an_interrupt_while_closing_still_ends_the_agent_group(how: str) -> None:
+    wire = fake_wire("--ignore-eof")
+    with WireLlmClient(wire, config()) as client:
+        sleeper = int(client.complete("grandchild", budget()).content)
+        leader = wire.pid
+        assert leader is not None
+        timer = _interrupt_soon(0.2)
+        with pytest.raises(KeyboardInterrupt):
+            getattr(wire, how)()  # waits out the grace period: the agent ignores EOF
+        timer.join()
+        assert not pid_alive(leader) and not pid_alive(sleeper)
+
+
+def test_close_from_another_thread_fails_the_running_turn_with_a_clear_error(protocol: str) -> None:
+    fds = open_fds()
+    with agent_client(protocol, config=config(retry=FAST_RETRY)) as client:
+        client.complete("text: warm up", budget())
+        timer = threading.Timer(0.3, client.close)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(LlmError, match="closed") as caught:
+            client.complete("grandchild\nstall", budget())  # a grandchild holds stdout too
+        timer.join()
+        assert time.monotonic() - started < 3.0
+        assert not isinstance(caught.value, OSError) or isinstance(caught.value, LlmTimeoutError)
+    assert open_fds() == fds
+
+
+def test_a_write_does_not_kill_a_host_that_restored_sigpipe(tmp_path: Path) -> None:
+    script = tmp_path / "host.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import signal, sys
+            sys.path.insert(0, {str(ROOT)!r})
+            import omk_llm
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as many command-line tools do
+            wire = omk_llm.StdioWire([sys.executable, {FAKE_PEER!r}])
+            wire.start_prompt("close-stdin\\nsleep: 5")
+            try:
+                for _ in range(50):  # until the agent has closed its input
+                    wire.send_request("cancel", {{}})
+                    import time; time.sleep(0.05)
+            except omk_llm.TransientNetworkError:
+                print("survived")
+            wire.close()
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "survived"
+
+
+def test_an_answer_to_an_agent_that_died_never_starts_a_new_one(protocol: str) -> None:
+    def kill_the_agent(request: Request) -> str:
+        os.kill(client.transport.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        return "approve"
+
+    with agent_client(protocol, config=config(retry=NO_RETRY), approval=kill_the_agent) as client:
+        started = time.monotonic()
+        with pytest.raises(TransientNetworkError):
+            client.complete(ASK_APPROVAL[protocol] + "\nstall", budget())
+        assert time.monotonic() - started < 2.0  # at once, not timeout plus cancel_grace
+        assert client.transport.generation == 1
+        assert client.transport.pid is None  # nothing was started for the answer
+
+
+def test_a_legacy_wire_peer_that_drops_initialize_is_used_after_a_short_probe() -> None:
+    with wire_client("--legacy", config=config(retry=NO_RETRY)) as client:
+        started = time.monotonic()
+        client.wire.start()  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 5.0  # not the startup_timeout of 10 s
+        assert client.wire.peer_info is None  # type: ignore[attr-defined]
+        assert client.complete("text: old but fine", budget()).content == "old but fine"
+
+
+def test_a_legacy_wire_peer_takes_the_cancel_it_understands() -> None:
+    with wire_client("--legacy", config=config(retry=NO_RETRY)) as client:
+        client.complete("text: warm up", budget())
+        timer = threading.Timer(0.3, client.cancel)
+        timer.start()
+        with pytest.raises(TurnCancelledError):
+            client.complete("stall", budget())
+        timer.join()
+        assert client.wire.generation == 1  # type: ignore[attr-defined]  # drained, not killed
+
+
+def test_a_current_peer_answers_initialize_despite_the_legacy_probe() -> None:
+    with fake_wire() as wire:
+        wire.start()
+        assert wire.peer_info["protocol_version"] == "1.10"
+
+
+def test_a_wire_client_against_an_acp_agent_says_which_protocol_it_speaks() -> None:
+    started = time.monotonic()
+    with fake_wire("--acp") as wire, pytest.raises(PeerStartError, match=r"speaks ACP.*--acp"):
+        wire.start()
+    assert time.monotonic() - started < 5.0
+
+
+def test_an_acp_client_against_a_wire_agent_says_which_protocol_it_speaks() -> None:
+    started = time.monotonic()
+    with AcpStdio([sys.executable, FAKE_PEER]) as acp, pytest.raises(PeerStartError, match="wire protocol"):
+        acp.start()
+    assert time.monotonic() - started < 5.0
+
+
+def test_an_agent_that_never_started_is_not_started_again_by_retries() -> None:
+    started = time.monotonic()
+    transport = fake_wire("--silent", startup_timeout=0.5)
+    client = WireLlmClient(transport, config(retry=FAST_RETRY))
+    with client, pytest.raises(LlmTimeoutError, match="not retried"):
+        client.complete("text: hi", budget())
+    assert time.monotonic() - started < 1.5  # one start-up timeout, not four
+
+
 
 # ======================================================================================
 # The wire client against scripted fake peers
@@ -1103,7 +1354,7 @@ def test_lines_split_across_writes_and_utf8_characters_arrive_whole(protocol: st
 
 def test_a_line_longer_than_the_cap_is_an_error_and_memory_stays_bounded(protocol: str) -> None:
     transport = fake_transport(protocol, max_line_bytes=1 << 20)
-    with CLIENTS[protocol](transport, config(retry=NO_RETRY)) as client:
+    with CLIENTS[protocol](transport, config(retry=NO_RETRY, max_tokens=10**7)) as client:
         with pytest.raises(ParseError, match="longer than"):
             client.complete("longline: 8000000", budget())
         # the child was ended; the next prompt starts a new one
@@ -1327,6 +1578,145 @@ def test_a_callback_that_raises_ends_the_turn_and_the_next_prompt_is_clean(proto
             client.complete("text: a\nsleep: 0.2\ntext: b", budget(), on_text=explode)
         assert client.complete("text: clean", budget()).content == "clean"
 
+def test_an_interrupt_while_a_cancelled_turn_drains_ends_its_agent(protocol: str) -> None:
+    with agent_client(protocol, config=config(retry=NO_RETRY)) as client:
+        client.complete("text: warm up", budget())
+        first = client.transport.pid
+        canceller = threading.Timer(0.2, client.cancel)
+        canceller.start()
+        timer = _interrupt_soon(0.6)  # while the agent lingers after the cancel
+        with pytest.raises(KeyboardInterrupt):
+            client.complete("linger: 2 LATE-TEXT-of-turn-1", budget())
+        canceller.join()
+        timer.join()
+        assert client.complete("text: second prompt", budget()).content == "second prompt"
+        assert first is not None and not pid_alive(first)
+
+
+def test_a_timed_out_turn_that_lingers_returns_at_its_deadline_and_leaks_nothing(protocol: str) -> None:
+    with agent_client(protocol, config=config(timeout=0.5, retry=NO_RETRY)) as client:
+        client.complete("text: warm up", budget())
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError):
+            client.complete("linger: 0.6 LATE-TEXT-of-turn-1", budget())
+        assert time.monotonic() - started < 0.9  # the drain did not run past the deadline
+        client.config = config(timeout=5.0, retry=NO_RETRY)
+        assert client.complete("text: second prompt", budget()).content == "second prompt"
+        assert client.transport.generation == 1  # the next call read the rest: agent kept
+
+
+def test_the_retry_deadline_bounds_an_agent_that_never_starts() -> None:
+    policy = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.02, deadline=1.0)
+    transport = fake_wire("--silent", startup_timeout=30.0)
+    with WireLlmClient(transport, config(timeout=60.0, retry=policy)) as client:
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError):
+            client.complete("text: hi", budget())
+        assert time.monotonic() - started < 1.5
+
+
+def test_the_timeout_bounds_a_prompt_write_that_stalls(protocol: str) -> None:
+    transport = fake_transport(protocol, write_timeout=30.0)
+    client = CLIENTS[protocol](transport, config(timeout=1.0, retry=NO_RETRY, max_tokens=10**7))
+    with client, client.conversation() as chat:
+        chat.complete("pause-input: 5\ntext: one", budget())
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError):
+            chat.complete("text: two" + HUGE, budget())
+        assert time.monotonic() - started < 1.5
+
+
+def test_the_timeout_bounds_the_wait_for_a_busy_client(protocol: str) -> None:
+    with agent_client(protocol, config=config(timeout=5.0, retry=NO_RETRY)) as client:
+        client.complete("text: warm up", budget())
+        busy = threading.Thread(target=client.complete, args=("sleep: 2", budget()))
+        busy.start()
+        time.sleep(0.2)
+        client.config = config(timeout=0.5, retry=NO_RETRY)
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError, match="another call on this client"):
+            client.complete("text: hi", budget())
+        assert time.monotonic() - started < 0.9
+        busy.join()
+
+
+def test_the_timeout_bounds_an_acp_session_that_is_slow_to_open() -> None:
+    with acp_client("--session-delay", "3", config=config(timeout=0.5, retry=NO_RETRY)) as client:
+        started = time.monotonic()
+        with pytest.raises(LlmTimeoutError):
+            client.complete("text: hi", budget())
+        assert time.monotonic() - started < 1.0
+
+
+def test_an_approval_callables_own_transient_error_leaves_no_turn_running(protocol: str) -> None:
+    def asks_elsewhere(request: Request) -> str:
+        raise TransientNetworkError("the other service is down")
+
+    with agent_client(protocol, config=config(retry=FAST_RETRY), approval=asks_elsewhere) as client:
+        with pytest.raises(TransientNetworkError, match="other service"):
+            client.complete(ASK_APPROVAL[protocol] + "\nstall", budget())
+        client.approval = "reject"
+        assert client.complete("text: not wedged", budget()).content == "not wedged"
+
+
+@pytest.mark.parametrize("value", ['"12k"', "1e999", "-5"])
+def test_token_usage_that_is_not_a_count_is_ignored_and_the_answer_kept(value: str) -> None:
+    with wire_client(config=config(retry=NO_RETRY)) as client:
+        response = client.complete(f'text: kept\nusage: {{"input_other": {value}, "output": 3}}', budget())
+    assert response.content == "kept"
+    assert response.prompt_tokens == client.cost_estimator.count_tokens(
+        f'text: kept\nusage: {{"input_other": {value}, "output": 3}}', "kimi-k2"
+    )
+
+
+@pytest.mark.parametrize("value", ['"12k"', "1e999", "-5"])
+def test_acp_usage_that_is_not_a_count_is_ignored_and_the_answer_kept(value: str) -> None:
+    answer = f'acp-usage: {{"inputTokens": {value}, "outputTokens": 3}}'
+    with acp_client(config=config(retry=NO_RETRY)) as client:
+        assert client.complete(f"text: kept\n{answer}", budget()).content == "kept"
+        answer = f'acp-usage: {{"outputTokens": {value}}}'
+        assert client.complete(f"text: kept\ncontext: 10\n{answer}", budget()).content == "kept"
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_an_invalid_prompt(protocol: str) -> None:
+    bad = b"caf\xe9 menu".decode("utf-8", "surrogateescape")  # a Latin-1 file name, say
+    with agent_client(protocol) as client:
+        with pytest.raises(InvalidPromptError, match="surrogate"):
+            client.complete(bad, budget())
+        with pytest.raises(InvalidPromptError, match="surrogate"):
+            client.complete_with_system(bad, "text: hi", budget())
+        with pytest.raises(InvalidPromptError, match="surrogate"):
+            client.command("/compact " + bad)
+        assert client.complete("text: still fine", budget()).content == "still fine"
+
+
+def test_an_answer_with_a_bad_escape_from_the_agent_can_always_be_encoded(protocol: str) -> None:
+    chunks: List[str] = []
+    with agent_client(protocol) as client:
+        response = client.complete('raw-text: "bad \\ud800 escape"', budget(), on_text=chunks.append)
+    assert response.content == "bad \ufffd escape"
+    assert chunks == ["bad \ufffd escape"]
+    response.content.encode("utf-8")
+
+
+@pytest.mark.parametrize("details", ["LLM not set", "'kimi' is not in list"])
+def test_acp_error_details_are_in_the_message_and_a_configuration_error_is_not_retried(details: str) -> None:
+    calls: List[Any] = []
+    error = json.dumps({"code": -32603, "message": "Internal error", "data": {"details": details}})
+    with acp_client(config=config(retry=FAST_RETRY)) as client:
+        client.acp.start_prompt = _recording(client.acp.start_prompt, calls)  # type: ignore[method-assign]
+        with pytest.raises(WireProtocolError, match=re.escape(details)):
+            client.complete(f"error-json: {error}", budget())
+    assert len(calls) == 1
+
+
+def test_an_acp_internal_error_that_names_a_network_fault_is_retried() -> None:
+    error = json.dumps({"code": -32603, "message": "Internal error", "data": {"error": "Connection error."}})
+    client = AcpLlmClient(fake_acp(), config(retry=NO_RETRY))
+    with client, pytest.raises(TransientNetworkError, match="Connection error"):
+        client.complete(f"error-json: {error}", budget())
+
+
 
 # ======================================================================================
 # Agent state: a fresh context per prompt, conversations, prompt text that is only text
@@ -1542,7 +1932,7 @@ def test_acp_usage_update_stands_for_the_prompt_tokens() -> None:
     ("code", "message", "error"),
     [
         (-32000, "Authentication required", AuthenticationError),
-        (-32603, "oauth token bad", TransientNetworkError),
+        (-32603, "oauth token bad", WireProtocolError),
     ],
 )
 def test_acp_authentication_errors_are_told_by_their_code_not_their_words(
@@ -2295,3 +2685,37 @@ def test_the_readme_main_job_runs_a_prompt_through_the_real_kimi_cli(protocol: s
         cwd=ROOT,
     )
     assert (done.returncode, done.stdout) == (0, "Hello from a real Kimi CLI\n"), done.stderr
+
+
+def test_cli_refuses_a_prompt_that_is_not_valid_unicode() -> None:
+    done = subprocess.run(
+        [sys.executable, "omk_llm.py", "--command", FAKE_COMMAND, b"text: caf\xe9"],  # Latin-1 bytes in argv
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == omk_llm.EXIT_USAGE
+    assert b"not valid Unicode" in done.stderr and b"Traceback" not in done.stderr
+
+
+def test_cli_prints_an_answer_with_a_bad_escape_from_the_agent() -> None:
+    done = run_cli("--command", FAKE_COMMAND, 'raw-text: "x\\ud800y"')
+    assert (done.returncode, done.stdout) == (0, "x\ufffdy\n")
+
+
+def test_cli_interrupted_while_closing_exits_130_and_ends_the_agent() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "omk_llm.py", "--command", FAKE_COMMAND + " --ignore-eof", "grandchild"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    sleeper = int(proc.stdout.readline())  # the answer is out: close() now waits its grace
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == omk_llm.EXIT_INTERRUPTED
+    assert "Traceback" not in err and "interrupted" in err
+    assert not pid_alive(sleeper)

@@ -23,6 +23,14 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     late: X          a text chunk sent just after the prompt's answer (as opencode does)
     acp-usage: {...} (ACP) the prompt answer's usage
     context: N       (ACP) a usage_update saying N tokens are in the context
+    pause-input: S   stop reading input for S seconds once this prompt is read
+    linger: S X      wait until cancelled, then S seconds more, then say X and end cancelled
+    delayed-longline: S N   after S seconds (in the background) one line of N bytes
+    nested: N        a line of JSON nested N levels deep
+    raw-text: JSON   a text chunk whose JSON string is written as given (bad escapes too)
+    unterminated     end the turn with an answer line without its newline, then exit
+    close-stdin      close standard input and go on
+    error-json: {...}  end with this JSON-RPC error object (data included)
 
 Like Kimi, it keeps a history per context (the process over wire, each session over ACP)
 and runs a prompt as a slash command when its text parts, joined with a space and
@@ -37,7 +45,10 @@ kimi-cli 0.59-0.78 do),
 --exit-after N (exit after N prompts), --startup-delay S, --auth-required (ACP),
 --agent-name NAME (what initialize says the agent is; "Kimi Code CLI" acts as Kimi),
 --persistent-always (ACP: name the allow_always option "Always allow", as agents that
-save it do), --fail-first N (the first N prompts play, then fail with a provider error).
+save it do), --fail-first N (the first N prompts play, then fail with a provider error),
+--ignore-eof (keep running after standard input closes, as a hung agent would),
+--session-delay S (ACP: answer session/new after S seconds). Like Kimi's wire server, a
+wire request whose id is not a string gets an invalid-request error naming no id.
 """
 
 from __future__ import annotations
@@ -167,6 +178,9 @@ class Peer:
         else:
             emit(self.event("TurnEnd", {}))
             answer = {"jsonrpc": "2.0", "id": request_id, "result": {"status": status}}
+        if self.unterminated:
+            write_raw(json.dumps(answer).encode())
+            os._exit(0)
         # the answer and what comes late after it in one write, as a fast agent would
         write_raw(b"".join(json.dumps(m, ensure_ascii=False).encode() + b"\n" for m in [answer, *late]))
 
@@ -175,6 +189,7 @@ class Peer:
     def run_turn(self, request_id: Any, parts: list) -> None:
         self.late: list = []
         self.acp_usage: Any = None
+        self.unterminated = False
         try:
             status = self.dispatch(parts)
         except Exception as err:  # a broken script is a test bug: say so loudly
@@ -182,7 +197,9 @@ class Peer:
             status = "error: -32603 fake peer broke"
         self.prompts += 1
         self.turn = None  # before the answer: the client may send its next prompt at once
-        if status.startswith("error: "):
+        if status.startswith("error-json: "):
+            emit({"jsonrpc": "2.0", "id": request_id, "error": json.loads(status[len("error-json: ") :])})
+        elif status.startswith("error: "):
             code, _, message = status[len("error: ") :].partition(" ")
             self.fail(request_id, int(code), message)
         else:
@@ -318,6 +335,32 @@ class Peer:
                     return "cancelled"
             elif command == "error":
                 return "error: " + arg
+            elif command == "error-json":
+                return "error-json: " + arg
+            elif command == "linger":
+                delay, _, text = arg.partition(" ")
+                self.cancelled.wait()
+                time.sleep(float(delay))
+                emit(self.text_event(text))
+                return "cancelled"
+            elif command == "delayed-longline":
+                delay, size = arg.split()
+
+                def later(delay: float = float(delay), size: int = int(size)) -> None:
+                    time.sleep(delay)
+                    write_raw(b"a" * size + b"\n")
+
+                threading.Thread(target=later, daemon=True).start()
+            elif command == "nested":
+                depth = int(arg)
+                write_raw(b"[" * depth + b"]" * depth + b"\n")
+            elif command == "raw-text":
+                line = json.dumps(self.text_event("@@"), ensure_ascii=False).replace('"@@"', arg)
+                write_raw(line.encode() + b"\n")
+            elif command == "unterminated":
+                self.unterminated = True
+            elif command == "close-stdin":
+                pass  # done by the dispatcher, which reads the input
             elif command == "status":
                 return arg
             elif command == "grandchild":
@@ -338,6 +381,10 @@ class Peer:
         if self.opts.silent:
             return
         if self.opts.legacy and (method == "initialize" or (method == "cancel" and "params" in message)):
+            return
+        if not self.acp and method is not None and request_id is not None and not isinstance(request_id, str):
+            invalid = {"code": -32600, "message": "Invalid request", "data": None}
+            emit({"jsonrpc": "2.0", "id": None, "error": invalid})
             return
         if method is None:
             self.answers.put(message)
@@ -364,6 +411,7 @@ class Peer:
                     },
                 )
         elif method == "session/new":
+            time.sleep(self.opts.session_delay)
             if self.opts.auth_required:
                 self.fail(request_id, -32000, "Authentication required")
             else:
@@ -399,6 +447,11 @@ class Peer:
             self.cancelled.clear()
             self.turn = threading.Thread(target=self.run_turn, args=(request_id, parts), daemon=True)
             self.turn.start()
+            pause = re.search(r"^pause-input: ([0-9.]+)$", "\n".join(parts), re.M)
+            if pause:
+                time.sleep(float(pause.group(1)))
+            if re.search(r"^close-stdin$", "\n".join(parts), re.M):
+                os.close(0)  # here, where the input is read: no read may hold it open
         elif method == "cancel":
             if self.turn is None:
                 self.fail(request_id, -32000, "No agent turn is in progress")
@@ -417,6 +470,8 @@ def main() -> None:
     parser.add_argument("--old", action="store_true")
     parser.add_argument("--silent", action="store_true")
     parser.add_argument("--legacy", action="store_true")
+    parser.add_argument("--ignore-eof", action="store_true")
+    parser.add_argument("--session-delay", type=float, default=0.0)
     parser.add_argument("--banner")
     parser.add_argument("--exit-after", type=int, default=0)
     parser.add_argument("--startup-delay", type=float, default=0.0)
@@ -430,14 +485,19 @@ def main() -> None:
         return
     time.sleep(opts.startup_delay)
     peer = Peer(opts)
-    for raw in sys.stdin.buffer:
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            if raw.strip() and not peer.acp:
-                peer.fail(None, -32700, "Invalid JSON format")
-            continue
-        peer.handle(message)
+    try:
+        for raw in sys.stdin.buffer:
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                if raw.strip() and not peer.acp:
+                    peer.fail(None, -32700, "Invalid JSON format")
+                continue
+            peer.handle(message)
+    except OSError:  # close-stdin: the turn goes on without input
+        time.sleep(3600)
+    if opts.ignore_eof:
+        time.sleep(3600)
     os._exit(0)  # stdin closed: drop any pending answer, as the real peer does
 
 
