@@ -2449,8 +2449,11 @@ class StdioWire(_JsonRpcStdio):
         return {"jsonrpc": "2.0", "id": "omk-legacy-probe", "method": "cancel"}
 
     def _other_protocol(self, answer: Union[SuccessResponse, ErrorResponse]) -> str:
+        # An ACP agent answers protocolVersion, or refuses our params (Kimi's: -32602, as
+        # its protocol_version is a number); Kimi's wire server never refuses them.
         text = json.dumps(answer.result if isinstance(answer, SuccessResponse) else answer.data)
-        if "protocolVersion" not in text and "agentCapabilities" not in text:
+        refused = isinstance(answer, ErrorResponse) and answer.code == -32602
+        if not refused and "protocolVersion" not in text and "agentCapabilities" not in text:
             return ""
         return (
             "; the agent speaks ACP, not the wire protocol: use AcpStdio and AcpLlmClient "

@@ -26,7 +26,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-KIMI_CLI = "kimi-cli==1.52.0"
+PINNED = "1.52.0"
+# OMK_KIMI_CLI picks another release (scripts/kimi_releases runs the tests against several);
+# OMK_PEER_DIR where it is installed.
+KIMI_CLI = "kimi-cli==" + (os.environ.get("OMK_KIMI_CLI") or PINNED).replace("kimi-cli==", "")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEER_DIR = Path(os.environ.get("OMK_PEER_DIR", ROOT / ".peer"))
@@ -42,6 +45,8 @@ max_context_size = 100000
 type = "_echo"
 base_url = ""
 api_key = ""
+"""
+SCRIPTED_CONFIG = """\
 [models.scripted]
 provider = "scripted_provider"
 model = "scripted"
@@ -98,12 +103,40 @@ def venv_python() -> Path:
     return PEER_DIR / "venv" / "bin" / "python"
 
 
+def release() -> str:
+    """The kimi-cli release these helpers install and run, e.g. "1.52.0"."""
+    return KIMI_CLI.split("==", 1)[1]
+
+
+def _release_tuple() -> Tuple[int, ...]:
+    return tuple(int(part) for part in release().split("."))
+
+
+def _installed(module: str) -> str:
+    found = glob.glob(str(PEER_DIR / "venv" / "lib" / "python3.*" / "site-packages" / "kimi_cli" / module))
+    return Path(found[0]).read_text() if found else ""
+
+
+def wire_has_clear() -> bool:
+    """Whether the installed release runs /clear over wire (older ones know it only in
+    their shell, so a fresh context there needs a new agent process)."""
+    return "def clear" in _installed("soul/slash.py")
+
+
+def has_scripted_echo() -> bool:
+    """Whether the installed release has the scripted echo provider (a script per model
+    call, for tool calls); releases before it have only the plain echo provider."""
+    return "_scripted_echo" in _installed("llm.py")
+
+
 def ensure_installed(quiet: bool = False) -> Path:
     """Install kimi-cli into .peer/venv unless it is there; return that venv's Python."""
     python = venv_python()
     marker = PEER_DIR / "venv" / ".installed"
     if python.exists() and marker.exists() and marker.read_text() == KIMI_CLI:
         return python
+    if _release_tuple() < (0, 70):
+        sys.exit(f"kimi_echo: kimi-cli {release()} has no offline echo provider (it came in 0.70)")
     base = find_python()
     if not quiet:
         print(
@@ -163,7 +196,10 @@ def peer_command(
     work = home / "work"
     for folder in (share / "credentials", work):
         folder.mkdir(parents=True, exist_ok=True)
-    (share / "config.toml").write_text(ECHO_CONFIG.format(default_model="scripted" if scripts else "echo"))
+    config = ECHO_CONFIG.format(default_model="scripted" if scripts else "echo")
+    if has_scripted_echo():  # older releases refuse a config that names it
+        config += SCRIPTED_CONFIG
+    (share / "config.toml").write_text(config)
     (home / "scripts.json").write_text(json.dumps(scripts or []))
     # ACP refuses session/new without a login token file. This dummy one is never sent
     # anywhere: the echo provider needs no network.
@@ -180,6 +216,10 @@ def peer_command(
     )
     python = str(venv_python())
     if protocol == "acp":
+        if _release_tuple() < (1, 52):
+            # Their ACP initialize looks for "kimi" in argv (else "'kimi' is not in list"),
+            # and their kimi script is still the real CLI.
+            return [str(venv_python().parent / "kimi"), "acp"], env
         return [python, "-m", "kimi_cli.cli", "acp"], env
     return [
         python,
