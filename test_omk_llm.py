@@ -2468,7 +2468,8 @@ def test_real_peer_fresh_contexts_leave_no_cleared_context_behind(
     client = real_peer()
     assert [client.complete(f"text: {n}", budget()).content for n in range(4)] == ["0", "1", "2", "3"]
     files = sorted(path.name for path in tmp_path.rglob("sessions/*/*/*") if path.is_file())
-    assert not [name for name in files if re.fullmatch(r"context_\d+\.jsonl", name)]  # Kimi's /clear backups: gone
+    backups = [name for name in files if re.fullmatch(r"context_\d+\.jsonl", name)]
+    assert not backups  # what Kimi kept of each /clear: gone
 
 
 @pytest.mark.real_peer
