@@ -1322,7 +1322,6 @@ class _JsonRpcStdio:
     """
 
     initialize_optional = False  # whether a peer that does not know initialize is fine
-    protocol = ""  # what this transport speaks, for error messages
 
     def __init__(
         self,
@@ -2402,7 +2401,6 @@ class StdioWire(_JsonRpcStdio):
     died. A context manager; ``close()`` ends the child's whole process group."""
 
     initialize_optional = True  # a peer older than protocol 1.10 answers -32601
-    protocol = "wire"
 
     def __init__(
         self,
@@ -2718,8 +2716,6 @@ class AcpStdio(_JsonRpcStdio):
         self.session_cwd = session_cwd
         self.session_id: Optional[str] = None
         self._session_generation = -1
-
-    protocol = "ACP"
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -1629,7 +1629,7 @@ def test_the_timeout_bounds_a_prompt_write_that_stalls(protocol: str) -> None:
 def test_the_timeout_bounds_the_wait_for_a_busy_client(protocol: str) -> None:
     with agent_client(protocol, config=config(timeout=5.0, retry=NO_RETRY)) as client:
         client.complete("text: warm up", budget())
-        busy = threading.Thread(target=client.complete, args=("sleep: 2", budget()))
+        busy = threading.Thread(target=client.complete, args=("sleep: 1.2", budget()))
         busy.start()
         time.sleep(0.2)
         client.config = config(timeout=0.5, retry=NO_RETRY)
