@@ -2232,13 +2232,15 @@ class _AgentLlmClient(_TurnCalls):
         turn, grace_end, generation = unsettled
         if generation != self._transport_generation():
             return  # that agent process is gone, and the turn with it
+        settled = False
         try:
-            if self._drain(turn, min(grace_end, deadline)):
-                return
+            settled = self._drain(turn, min(grace_end, deadline))
         except LlmError as err:
             logger.debug("settling the cancelled turn ended by %s", err)
-        logger.warning("the agent did not settle within %g s after cancel; ending it", self.cancel_grace)
-        self.transport.reset()
+        finally:
+            if not settled:  # an interrupt included: the turn may still run
+                logger.warning("the agent did not settle after cancel; ending it")
+                self.transport.reset()
 
     def _transport_generation(self) -> int:
         return int(getattr(self.transport, "generation", 0))

@@ -1605,6 +1605,21 @@ def test_a_timed_out_turn_that_lingers_returns_at_its_deadline_and_leaks_nothing
         assert client.transport.generation == 1  # the next call read the rest: agent kept
 
 
+def test_an_interrupt_while_the_next_call_reads_a_timed_out_turn_ends_its_agent(protocol: str) -> None:
+    with agent_client(protocol, config=config(timeout=0.5, retry=NO_RETRY)) as client:
+        client.complete("text: warm up", budget())
+        first = client.transport.pid
+        with pytest.raises(LlmTimeoutError):
+            client.complete("linger: 1.5 LATE-TEXT-of-turn-1", budget())
+        client.config = config(timeout=5.0, retry=NO_RETRY)
+        timer = _interrupt_soon(0.3)  # while this call still reads the rest of the last turn
+        with pytest.raises(KeyboardInterrupt):
+            client.complete("text: second prompt", budget())
+        timer.join()
+        assert client.complete("text: third prompt", budget()).content == "third prompt"
+        assert first is not None and not pid_alive(first)
+
+
 def test_the_retry_deadline_bounds_an_agent_that_never_starts() -> None:
     policy = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.02, deadline=1.0)
     transport = fake_wire("--silent", startup_timeout=30.0)
