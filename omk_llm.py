@@ -838,16 +838,6 @@ _STDERR_LINE_CHARS = 500
 _LEGACY_SETTLE = 1.0  # after the legacy probe's answer, how long initialize's may still take
 
 
-class _LineTooLong(ParseError):
-    """A line past the cap: the child that sent it cannot be read any further."""
-
-    def __init__(self, head: bytes, limit: int) -> None:
-        super().__init__(
-            head.decode("utf-8", "replace"),
-            f"the agent sent a line longer than {limit} bytes; the agent process was ended",
-        )
-
-
 def _ask_to_exit(proc: subprocess.Popen[bytes], grace: float) -> None:
     """Close the child's input and give it ``grace`` seconds to exit, then SIGTERM and one
     more second."""
@@ -1116,7 +1106,10 @@ class _ChildProcess:
     def _too_long(self, line: bytes) -> NoReturn:
         self._eof = True  # the rest of that line cannot be told from the next ones
         self._partial = bytearray()
-        raise _LineTooLong(line[:200], self._max_line)
+        raise ParseError(
+            line[:200].decode("utf-8", "replace"),
+            f"the agent sent a line longer than {self._max_line} bytes; the agent process was ended",
+        )
 
     def _feed_stderr(self, chunk: bytes) -> None:
         parts = chunk.split(b"\n")
@@ -1527,7 +1520,7 @@ class _JsonRpcStdio:
         while True:
             try:
                 line = child.read_line(deadline)
-            except (_LineTooLong, TransientNetworkError):
+            except (ParseError, TransientNetworkError):  # a line past the cap, or the end
                 self.reset()
                 raise
             if line is None:
@@ -1558,7 +1551,7 @@ class _JsonRpcStdio:
                 line = child.read_line(wait_until)
             except TransientNetworkError:
                 raise self._start_error(child, stray, "exited before it answered " + what) from None
-            except _LineTooLong as err:
+            except ParseError as err:  # a line past the cap
                 raise self._start_error(child, [err.raw.encode()], "printed an endless line") from None
             if line is None:
                 now = time.monotonic()

@@ -1118,8 +1118,9 @@ def test_a_long_line_read_while_a_write_waits_is_a_parse_error(protocol: str) ->
     client = CLIENTS[protocol](transport, config(retry=NO_RETRY, max_tokens=10**7))
     with client, client.conversation() as chat:
         chat.complete("pause-input: 2\ndelayed-longline: 0.3 300000\ntext: one", budget())
-        with pytest.raises(ParseError, match="longer than 100000 bytes"):
+        with pytest.raises(ParseError, match="longer than 100000 bytes") as caught:
             chat.complete("text: two" + HUGE, budget())
+        assert type(caught.value) is ParseError  # the public class, not a private one
         assert chat.complete("text: three", budget()).content == "three"
 
 
@@ -2742,6 +2743,19 @@ def test_cli_refuses_a_prompt_that_is_not_valid_unicode() -> None:
     )
     assert done.returncode == omk_llm.EXIT_USAGE
     assert b"not valid Unicode" in done.stderr and b"Traceback" not in done.stderr
+
+
+def test_cli_refuses_standard_input_that_is_not_utf8() -> None:
+    done = subprocess.run(
+        [sys.executable, "omk_llm.py", "--command", FAKE_COMMAND, "-"],
+        input=b"text: caf\xe9\n",
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == omk_llm.EXIT_USAGE
+    assert b"not valid Unicode" in done.stderr or b"not UTF-8" in done.stderr
+    assert b"Traceback" not in done.stderr
 
 
 def test_cli_prints_an_answer_with_a_bad_escape_from_the_agent() -> None:
