@@ -1145,11 +1145,10 @@ def test_close_from_another_thread_fails_the_running_turn_with_a_clear_error(pro
         timer = threading.Timer(0.3, client.close)
         timer.start()
         started = time.monotonic()
-        with pytest.raises(LlmError, match="closed") as caught:
+        with pytest.raises(LlmError, match="closed"):  # not a raw OSError (EBADF)
             client.complete("grandchild\nstall", budget())  # a grandchild holds stdout too
         timer.join()
         assert time.monotonic() - started < 3.0
-        assert not isinstance(caught.value, OSError) or isinstance(caught.value, LlmTimeoutError)
     assert open_fds() == fds
 
 
