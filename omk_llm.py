@@ -1680,7 +1680,9 @@ def _kimi_session_dir(env: Optional[Mapping[str, str]], work_dir: str, session_i
     share = environ.get("KIMI_SHARE_DIR") or os.path.join(home, ".kimi")
     digest = hashlib.md5(work_dir.encode("utf-8")).hexdigest()
     folder = os.path.join(share, "sessions", digest, session_id)
-    return folder if os.path.isfile(os.path.join(folder, "context.jsonl")) else None
+    # (not "if it holds context.jsonl": releases before 1.x rotate it away on /clear and
+    # write the next one only with the next prompt)
+    return folder if os.path.isdir(folder) else None
 
 
 def _remove_cleared_contexts(folder: str) -> None:

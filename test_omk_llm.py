@@ -2480,6 +2480,8 @@ def test_real_peer_runs_an_agent_command_when_asked_to(
 def test_real_peer_fresh_contexts_leave_no_cleared_context_behind(
     protocol: str, real_peer: Callable[..., Any], tmp_path: Path
 ) -> None:
+    if protocol == "wire" and not kimi_echo.wire_has_hooks():
+        pytest.skip("before 1.28 Kimi's wire takes no hooks, so the client cannot learn its session")
     client = real_peer()
     assert [client.complete(f"text: {n}", budget()).content for n in range(4)] == ["0", "1", "2", "3"]
     files = sorted(path.name for path in tmp_path.rglob("sessions/*/*/*") if path.is_file())

@@ -123,6 +123,12 @@ def wire_has_clear() -> bool:
     return "def clear" in _installed("soul/slash.py")
 
 
+def wire_has_hooks() -> bool:
+    """Whether the installed release takes hook subscriptions over wire (1.28 and later),
+    through which the client learns its session (to remove what each /clear keeps)."""
+    return "hooks" in _installed("wire/server.py")
+
+
 def has_scripted_echo() -> bool:
     """Whether the installed release has the scripted echo provider (a script per model
     call, for tool calls); releases before it have only the plain echo provider."""
