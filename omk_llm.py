@@ -56,7 +56,7 @@ from typing import (
     cast,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AcpLlmClient",
