@@ -712,7 +712,26 @@ TextCallback = Callable[[str], None]
 MockItem = Union[str, LlmResponse, BaseException]
 
 
-class MockLlmClient:
+class _WithSystem:
+    """``complete_with_system`` for every client: the combined prompt, through ``complete``."""
+
+    def complete(
+        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
+    ) -> LlmResponse:
+        raise NotImplementedError
+
+    def complete_with_system(
+        self,
+        system: str,
+        prompt: str,
+        budget: TokenBudget,
+        *,
+        on_text: Optional[TextCallback] = None,
+    ) -> LlmResponse:
+        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
+
+
+class MockLlmClient(_WithSystem):
     """A test double: serves queued answers first in, first out, and records every prompt.
 
     An item is a string (an answer with zero token counts), an ``LlmResponse`` (its
@@ -781,15 +800,6 @@ class MockLlmClient:
             for cancelled in self._running:
                 cancelled.set()
 
-    def complete_with_system(
-        self,
-        system: str,
-        prompt: str,
-        budget: TokenBudget,
-        *,
-        on_text: Optional[TextCallback] = None,
-    ) -> LlmResponse:
-        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
 
 
 def _plain_response(content: str) -> LlmResponse:
@@ -1852,7 +1862,7 @@ class WireClient(Protocol):
     def close(self) -> None: ...
 
 
-class _TurnCalls:
+class _TurnCalls(_WithSystem):
     """The calls a client and a conversation share, each on its own agent context."""
 
     _client: _AgentLlmClient
@@ -1865,16 +1875,6 @@ class _TurnCalls:
         chunk as it arrives. On a client the prompt gets a fresh agent context; in a
         conversation it sees the conversation's history."""
         return self._client._complete(self._context, prompt, budget, on_text)
-
-    def complete_with_system(
-        self,
-        system: str,
-        prompt: str,
-        budget: TokenBudget,
-        *,
-        on_text: Optional[TextCallback] = None,
-    ) -> LlmResponse:
-        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
 
     def command(self, command: str, budget: Optional[TokenBudget] = None) -> LlmResponse:
         """Run an agent command (``/compact``, ``/yolo``, ...) as the agent defines it.
