@@ -1353,7 +1353,6 @@ class _JsonRpcStdio:
         self.generation = 0  # how many children were started: a new one has no session
         self.peer_info: Any = None
         self.deadline: Optional[float] = None
-        self._ever_started = False  # a handshake once succeeded: the command does work
 
     # -- life cycle --
 
@@ -1378,12 +1377,16 @@ class _JsonRpcStdio:
 
     def time_left(self, seconds: float, what: str) -> float:
         """``seconds``, cut to what is left before ``deadline``; LlmTimeoutError if none is."""
-        if self.deadline is None:
-            return seconds
-        left = self.deadline - time.monotonic()
+        left = self._bounded(seconds)
         if left <= 0:
             raise LlmTimeoutError(seconds, f"the call's deadline passed before {what}")
-        return min(seconds, left)
+        return left
+
+    def _bounded(self, seconds: float) -> float:
+        """``seconds``, cut to what is left before ``deadline`` (0 once it has passed)."""
+        if self.deadline is None:
+            return seconds
+        return max(0.0, min(seconds, self.deadline - time.monotonic()))
 
     def wake(self) -> None:
         """Make a ``read_message`` waiting in another thread give up now (it raises
@@ -1397,8 +1400,7 @@ class _JsonRpcStdio:
         gets half a second to exit by itself, within what is left before ``deadline``."""
         child, self._child = self._child, None
         if child is not None:
-            grace = 0.5 if self.deadline is None else min(0.5, max(0.0, self.deadline - time.monotonic()))
-            child.close(grace=grace)
+            child.close(grace=self._bounded(0.5))
 
     def close(self) -> None:
         """Close the child's input, wait briefly, then end its process group and reap it."""
@@ -1429,7 +1431,7 @@ class _JsonRpcStdio:
             self.peer_info = self._handshake(child, timeout)
         except LlmTimeoutError as err:
             self.reset()
-            if not self._ever_started:
+            if self.generation == 0:
                 # A command that never once started will not start on a retry either.
                 err.args = (f"{err}; not retried: this agent command has not started once",)
                 err._not_retried = True
@@ -1437,7 +1439,6 @@ class _JsonRpcStdio:
         except BaseException:
             self.reset()
             raise
-        self._ever_started = True
         self.generation += 1
         logger.debug("agent process %d ready: %s", child.pid, shlex.join(self.argv))
         return child
@@ -1491,12 +1492,9 @@ class _JsonRpcStdio:
         child = self._child
         if child is None:
             raise TransientNetworkError("no agent process is running (it was ended); a prompt starts one")
-        timeout = self.write_timeout
-        if self.deadline is not None:
-            # past the deadline a write still goes if the pipe takes it at once (a cancel)
-            timeout = max(0.0, min(timeout, self.deadline - time.monotonic()))
         try:
-            child.write(_dumps(obj), timeout)
+            # past the deadline a write still goes if the pipe takes it at once (a cancel)
+            child.write(_dumps(obj), self._bounded(self.write_timeout))
         except LlmError:
             self.reset()
             raise
