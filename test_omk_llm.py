@@ -1096,7 +1096,9 @@ HUGE = "\n" + ("pad " * 25 + "\n") * 20_000  # more than a pipe holds: the write
 def test_a_half_written_prompt_ends_its_agent_and_never_reaches_the_next_prompt(
     protocol: str, cut_by: str
 ) -> None:
-    transport = fake_transport(protocol, write_timeout=0.3)
+    # The interrupt comes 0.5 s in, while the write waits: the write's own bound must be
+    # longer then, or it would end the write first (counting HUGE can take under 0.2 s).
+    transport = fake_transport(protocol, write_timeout=0.3 if cut_by == "write_timeout" else 10)
     client = CLIENTS[protocol](transport, config(retry=NO_RETRY, max_tokens=10**7))
     with client, client.conversation() as chat:
         assert chat.complete("pause-input: 2\ntext: one", budget()).content == "one"
