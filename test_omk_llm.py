@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -1083,7 +1084,12 @@ def test_a_line_nested_too_deep_to_decode_is_skipped(caplog: pytest.LogCaptureFi
 
 
 def _interrupt_soon(delay: float) -> threading.Timer:
-    """A real Ctrl-C (SIGINT to this process) after ``delay`` seconds."""
+    """A real Ctrl-C (SIGINT to this process) after ``delay`` seconds.
+
+    Earlier tests' garbage is collected first: a collection that the test's allocations set
+    off would run their finalizers, and Python drops a KeyboardInterrupt raised inside a
+    finalizer ("Exception ignored"), so the Ctrl-C would be lost."""
+    gc.collect()
     timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     return timer
