@@ -2768,7 +2768,7 @@ def test_cli_names_the_environment_variable_whose_command_is_wrong() -> None:
         (["--timeout", "0.001"], "raise --timeout if the agent needs longer to start"),
         (["--startup-timeout", "0.001"], "raise --startup-timeout if the agent needs longer to start"),
         (["--timeout", "0.5", "--retries", "0", "stall"], "raise --timeout if the agent needs longer"),
-        (["--max-tokens", "2", "text: far too long"], "than --max-tokens 2; shorten it or raise --max-tokens"),
+        (["--max-tokens", "2", "text: far too long"], "--max-tokens 2; shorten it or raise --max-tokens"),
         (["--budget", "2", "text: far too long"], "raise --budget"),
     ],
 )
