@@ -2872,6 +2872,34 @@ def test_the_readme_main_job_runs_a_prompt_through_the_real_kimi_cli(protocol: s
         cwd=ROOT,
     )
     assert (done.returncode, done.stdout) == (0, "Hello from a real Kimi CLI\n"), done.stderr
+    (usage,) = done.stderr.splitlines()  # nothing else: no warning (its counts are exact)
+    assert usage.startswith("omk_llm: ") and "completion tokens" in usage
+
+
+def readme_block(marker: str) -> str:
+    """The code block of the README that follows the comment naming ``marker``."""
+    readme = (ROOT / "README.md").read_text()
+    after = readme[readme.index(f"<!-- tested by {marker} -->") :]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_the_readme_script_runs_against_the_offline_kimi() -> None:
+    if kimi_echo.release() != kimi_echo.PINNED or kimi_echo.PEER_DIR != ROOT / ".peer":
+        pytest.skip("the README's script names the pinned release in .peer/")
+    if not kimi_echo.venv_python().exists() and not os.environ.get("CI"):
+        pytest.skip("the real Kimi CLI is not installed: run python3 peers/kimi_echo.py --setup")
+    kimi_echo.peer_command("acp")  # what --setup writes into .peer/home
+    done = subprocess.run(
+        [sys.executable, "-c", readme_block("test_the_readme_script_runs_against_the_offline_kimi")],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=ROOT,
+    )
+    assert (done.returncode, done.stdout) == (0, "Hello over wire\nHello over ACP\n"), done.stderr
+    assert done.stderr == ""  # no warning either
 
 
 def test_cli_refuses_a_prompt_that_is_not_valid_unicode() -> None:
