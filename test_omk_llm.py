@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
-import gc
 import io
 import json
 import logging
@@ -65,6 +64,11 @@ from omk_llm import (
 )
 
 ROOT = Path(__file__).resolve().parent
+
+# A shell runs a background job with SIGINT ignored, and Python then installs no handler:
+# the Ctrl-C tests (and the command lines they start) would never see their interrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 FAKE_PEER = str(ROOT / "peers" / "fake_peer.py")
 FIXTURES = ROOT / "fixtures"
 FAST_RETRY = RetryPolicy(max_retries=2, base_delay=0.01, max_delay=0.02)
@@ -1096,12 +1100,7 @@ def test_a_line_nested_too_deep_to_decode_is_skipped(caplog: pytest.LogCaptureFi
 
 
 def _interrupt_soon(delay: float) -> threading.Timer:
-    """A real Ctrl-C (SIGINT to this process) after ``delay`` seconds.
-
-    Earlier tests' garbage is collected first: a collection that the test's allocations set
-    off would run their finalizers, and Python drops a KeyboardInterrupt raised inside a
-    finalizer ("Exception ignored"), so the Ctrl-C would be lost."""
-    gc.collect()
+    """A real Ctrl-C (SIGINT to this process) after ``delay`` seconds."""
     timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     return timer
