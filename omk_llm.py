@@ -75,7 +75,7 @@ from typing import (
     cast,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AcpLlmClient",
