@@ -3152,7 +3152,7 @@ def _message_for_the_command_line(err: LlmError, startup_flag: str) -> str:
     message = str(err)
     for api_name, flag in _FLAG_NAMES:
         message = message.replace(api_name, flag)
-    if isinstance(err, LlmTimeoutError) and "--" not in message:
+    if isinstance(err, LlmTimeoutError) and "raise --" not in message:
         if "initialize" in message or "could start" in message:
             message += f"; raise {startup_flag} if the agent needs longer to start"
         else:

@@ -2779,6 +2779,13 @@ def test_cli_failures_say_which_flag_to_change(args: List[str], says: str) -> No
     assert "LlmClientConfig" not in done.stderr and "TokenBudget" not in done.stderr
 
 
+def test_cli_start_up_timeout_names_the_flag_when_the_agent_command_has_options_too() -> None:
+    done = run_cli("--command", FAKE_COMMAND + " --silent", "--startup-timeout", "0.5", "text: x")
+    assert done.returncode == omk_llm.EXIT_TIMEOUT
+    assert "fake_peer.py --silent" in done.stderr  # the command, with its "--"
+    assert done.stderr.rstrip().endswith("raise --startup-timeout if the agent needs longer to start")
+
+
 @pytest.mark.parametrize("protocol", ["wire", "acp"])
 def test_cli_says_a_command_that_echoes_its_input_is_not_an_agent(protocol: str) -> None:
     done = run_cli(*(["--acp"] if protocol == "acp" else []), "--command", "cat", "text: x")
