@@ -2002,13 +2002,7 @@ class _AgentLlmClient(_TurnCalls):
     def _complete(
         self, context: _Context, prompt: str, budget: TokenBudget, on_text: Optional[TextCallback]
     ) -> LlmResponse:
-        text = _check_prompt(prompt)
-        prompt_tokens = self.cost_estimator.count_tokens(text, self.config.model)
-        if prompt_tokens > self.config.max_tokens:
-            raise ContextLengthExceededError(prompt_tokens, self.config.max_tokens)
-        needed = prompt_tokens + context.history_tokens
-        if not budget.can_afford(needed):
-            raise BudgetExhaustedError(budget.used_tokens, budget.max_tokens, needed)
+        text, prompt_tokens = self._admit(prompt, budget, context.history_tokens)
         policy = self.config.retry_policy
         deadline = None if policy.deadline is None else time.monotonic() + policy.deadline
         return with_retry(
@@ -2018,6 +2012,18 @@ class _AgentLlmClient(_TurnCalls):
             sleep=self._sleep,
             rng=self._rng,
         )
+
+    def _admit(self, prompt: str, budget: TokenBudget, history_tokens: int = 0) -> Tuple[str, int]:
+        """The prompt and its token count, if it may be sent: InvalidPromptError,
+        ContextLengthExceededError or BudgetExhaustedError if not."""
+        text = _check_prompt(prompt)
+        prompt_tokens = self.cost_estimator.count_tokens(text, self.config.model)
+        if prompt_tokens > self.config.max_tokens:
+            raise ContextLengthExceededError(prompt_tokens, self.config.max_tokens)
+        needed = prompt_tokens + history_tokens
+        if not budget.can_afford(needed):
+            raise BudgetExhaustedError(budget.used_tokens, budget.max_tokens, needed)
+        return text, prompt_tokens
 
     def _command(self, context: _Context, command: str, budget: Optional[TokenBudget]) -> LlmResponse:
         if not isinstance(command, str) or not is_agent_command(command):
@@ -3220,7 +3226,6 @@ def main(
         return code
 
     client: Optional[_AgentLlmClient] = None
-    transport: Optional[_JsonRpcStdio] = None
     started = time.monotonic()
     code = EXIT_FAILURE
     try:
@@ -3237,12 +3242,22 @@ def main(
             return fail(f"--cwd {args.cwd!r} is not a directory; create it or pass another", EXIT_USAGE)
         if args.system is not None:
             prompt = system_prompt(args.system, prompt)
-        _check_prompt(prompt)  # before starting an agent for nothing
         startup_timeout = min(args.startup_timeout, args.timeout)
+        config = LlmClientConfig(
+            model=args.model or "kimi",  # without --model: cl100k_base
+            max_tokens=args.max_tokens or sys.maxsize,
+            timeout=args.timeout,  # each attempt also ends by the deadline of the whole
+            retry_policy=RetryPolicy(max_retries=args.retries),
+        )
+        transport: _JsonRpcStdio
         if args.acp:
-            transport = AcpStdio(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
+            transport = acp = AcpStdio(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
+            client = AcpLlmClient(acp, config, approval=args.approval)
         else:
-            transport = StdioWire(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
+            transport = wire = StdioWire(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
+            client = WireLlmClient(wire, config, approval=args.approval)
+        budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
+        client._admit(prompt, budget)  # a prompt refused starts no agent (complete() checks again)
         on_terminal = bool(getattr(stderr, "isatty", lambda: False)())
         if on_terminal:
             stderr.write(f"omk_llm: starting the agent ({shlex.join(agent_argv)}) ...")
@@ -3258,17 +3273,8 @@ def main(
             raise LlmTimeoutError(
                 args.timeout, f"--timeout ({args.timeout:g} s) passed while the agent started"
             )
-        config = LlmClientConfig(
-            model=args.model or "kimi",  # without --model: cl100k_base
-            max_tokens=args.max_tokens or sys.maxsize,
-            timeout=args.timeout,  # each attempt also ends by the deadline of the whole
-            retry_policy=RetryPolicy(max_retries=args.retries, deadline=left),
-        )
-        if isinstance(transport, AcpStdio):
-            client = AcpLlmClient(transport, config, approval=args.approval)
-        else:
-            client = WireLlmClient(transport, config, approval=args.approval)
-        budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
+        whole = RetryPolicy(max_retries=args.retries, deadline=left)  # retries end by --timeout
+        client.config = dataclasses.replace(config, retry_policy=whole)
 
         def stream(chunk: str) -> None:
             nonlocal answer_line_open
@@ -3296,9 +3302,8 @@ def main(
         code = fail("interrupted", EXIT_INTERRUPTED)
     finally:
         try:
-            closing = client if client is not None else transport
-            if closing is not None:
-                closing.close()  # an interrupt here still ends the agent (close() sees to it)
+            if client is not None:
+                client.close()  # an interrupt here still ends the agent (close() sees to it)
         except KeyboardInterrupt:
             if code != EXIT_INTERRUPTED:
                 code = fail("interrupted", EXIT_INTERRUPTED)

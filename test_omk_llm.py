@@ -2794,6 +2794,12 @@ def test_cli_says_a_command_that_echoes_its_input_is_not_an_agent(protocol: str)
     assert "-32601" not in done.stderr
 
 
+@pytest.mark.parametrize("refusal", [["--budget", "1"], ["--max-tokens", "1"]])
+def test_cli_refuses_a_prompt_before_it_starts_an_agent(refusal: List[str]) -> None:
+    done = run_cli("--command", "no-such-agent-omk --wire", *refusal, "text: too dear")
+    assert done.returncode == omk_llm.EXIT_REFUSED, done.stderr  # not 5: nothing was started
+
+
 def test_cli_timeout_bounds_the_whole_command_retries_included() -> None:
     started = time.monotonic()
     done = run_cli("--command", FAKE_COMMAND, "--timeout", "1.5", "--retries", "3", "stall")
