@@ -848,34 +848,39 @@ def _plain_response(content: str) -> LlmResponse:
     return LlmResponse(content, 0, 0, 0, "mock", "stop")
 
 
+def _lone_surrogate_at(text: str) -> int:
+    """Where ``text`` holds its first lone surrogate (it cannot be encoded), else -1."""
+    if text.isascii():  # the common case, without an encoded copy
+        return -1
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return -1
+
+
 def _check_prompt(prompt: object) -> str:
     if not isinstance(prompt, str):
         raise InvalidPromptError(f"the prompt must be text (str), got {type(prompt).__name__}")
     if not prompt.strip():
         raise InvalidPromptError("the prompt is empty; send some text")
-    if not prompt.isascii():
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise InvalidPromptError(
-                f"the prompt is not valid Unicode text: it holds a lone surrogate "
-                f"({prompt[err.start]!r} at character {err.start}), which is what undecodable "
-                "bytes in a file name, argv or stdin become; decode that input as UTF-8 "
-                "(errors='replace' keeps the rest) before sending it"
-            ) from None
+    at = _lone_surrogate_at(prompt)
+    if at >= 0:
+        raise InvalidPromptError(
+            f"the prompt is not valid Unicode text: it holds a lone surrogate "
+            f"({prompt[at]!r} at character {at}), which is what undecodable "
+            "bytes in a file name, argv or stdin become; decode that input as UTF-8 "
+            "(errors='replace' keeps the rest) before sending it"
+        )
     return prompt
 
 
 def _encodable(text: str) -> str:
     """``text`` with any lone surrogate (a peer's bad ``\\ud800`` escape) replaced, so that
     an answer can always be printed and encoded."""
-    if text.isascii():
+    if _lone_surrogate_at(text) < 0:
         return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return re.sub("[\ud800-\udfff]", "\ufffd", text)
-    return text
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 # ======================================================================================
