@@ -39,13 +39,16 @@ SOFTWARE.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import selectors
@@ -62,7 +65,9 @@ from typing import (
     Deque,
     Dict,
     Iterable,
+    Iterator,
     List,
+    Literal,
     Mapping,
     NoReturn,
     Optional,
@@ -73,6 +78,7 @@ from typing import (
     TypeVar,
     Union,
     cast,
+    overload,
 )
 
 __version__ = "0.4.0"
@@ -80,8 +86,10 @@ __version__ = "0.4.0"
 __all__ = [
     "AcpLlmClient",
     "AcpStdio",
+    "AgentPool",
     "AuthenticationError",
     "BudgetExhaustedError",
+    "ClientFactory",
     "ContextLengthExceededError",
     "Conversation",
     "CostEstimator",
@@ -97,6 +105,7 @@ __all__ = [
     "MockLlmClient",
     "ParseError",
     "PeerStartError",
+    "PoolProgress",
     "RateLimitedError",
     "Request",
     "RetryPolicy",
@@ -110,6 +119,7 @@ __all__ = [
     "WireLlmClient",
     "WireMessage",
     "WireProtocolError",
+    "dask_map",
     "is_agent_command",
     "is_retryable",
     "main",
@@ -3022,6 +3032,413 @@ def _acp_option(options: List[Dict[str, Any]], decision: str) -> Optional[Dict[s
             logger.info("the agent offers no approval scoped to the session; approving once")
             kinds = ("allow_once",)
     return next((by_kind[kind] for kind in kinds if kind in by_kind), None)
+
+
+# ======================================================================================
+# Many prompts: a pool of agents on one machine, a Dask cluster beyond it
+# ======================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientFactory:
+    """A recipe for an agent client that pickles: calling it returns a new
+    ``WireLlmClient`` (or ``AcpLlmClient`` with ``acp=True``) over a new transport, whose
+    agent starts on its first prompt. What a pool calls once per job, and what a cluster
+    sends to its workers (a closure would not cross a process boundary)."""
+
+    argv: Tuple[str, ...]
+    acp: bool = False
+    cwd: Optional[str] = None
+    env: Optional[Mapping[str, str]] = None
+    config: Optional[LlmClientConfig] = None
+    approval: str = "reject"
+    startup_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.argv, str) or not self.argv:
+            raise ValueError("argv must be the agent's command as a sequence of words, e.g. shlex.split(...)")
+        object.__setattr__(self, "argv", tuple(self.argv))
+        _check_approval(self.approval)
+
+    def __call__(self) -> _AgentLlmClient:
+        if self.acp:
+            acp = AcpStdio(self.argv, cwd=self.cwd, env=self.env, startup_timeout=self.startup_timeout)
+            return AcpLlmClient(acp, self.config, approval=self.approval)
+        wire = StdioWire(self.argv, cwd=self.cwd, env=self.env, startup_timeout=self.startup_timeout)
+        return WireLlmClient(wire, self.config, approval=self.approval)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolProgress:
+    """Where a pool's prompts stand: ``done`` have finished (answered or failed), ``failed``
+    of them failed, ``total`` were submitted, and ``tokens`` is what the answered ones cost
+    (their ``total_tokens``)."""
+
+    done: int
+    failed: int
+    total: int
+    tokens: int
+
+
+ProgressCallback = Callable[[PoolProgress], None]
+PoolResult = Union[LlmResponse, Exception]
+
+
+@dataclasses.dataclass
+class _PoolWork:
+    future: concurrent.futures.Future[LlmResponse]
+    prompt: str
+    system: Optional[str]
+
+
+class AgentPool:
+    """Many prompts over ``jobs`` agents at once, each prompt in a fresh context; an
+    executor in the manner of ``concurrent.futures`` (``submit``, ``map``, ``shutdown``, a
+    context manager), whose work is prompts.
+
+    Each job is a thread that owns one client, made by ``make_client`` (a ``ClientFactory``,
+    or any callable returning an ``LlmClient``) on its first prompt, so an agent starts only
+    when there is work for it. Every prompt is charged to the one shared ``budget`` (by
+    default unlimited): a prompt it cannot afford fails as ``BudgetExhaustedError``, the
+    others go on. ``on_progress`` gets a ``PoolProgress`` after each prompt, from the
+    pool's threads, one call at a time. Leaving the ``with`` block by an exception (Ctrl-C
+    included) cancels what has not started, cancels the running turns, and ends every
+    agent; ``shutdown_grace`` bounds how long their turns get to end before their agents
+    are ended from outside.
+    """
+
+    def __init__(
+        self,
+        make_client: Callable[[], LlmClient],
+        jobs: int = 4,
+        *,
+        budget: Optional[TokenBudget] = None,
+        on_progress: Optional[ProgressCallback] = None,
+        shutdown_grace: float = 2.0,
+    ) -> None:
+        if not callable(make_client):
+            raise TypeError("make_client must be a callable that returns a client, e.g. a ClientFactory")
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+            raise ValueError(f"jobs must be a whole number of 1 or more, got {jobs!r}")
+        _check_non_negative("shutdown_grace", shutdown_grace)
+        self.jobs = jobs
+        self.budget = budget if budget is not None else TokenBudget(sys.maxsize)
+        self.shutdown_grace = shutdown_grace
+        self._make_client = make_client
+        self._on_progress = on_progress
+        self._queue: queue.SimpleQueue[Optional[_PoolWork]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._progress_lock = threading.Lock()  # one on_progress call at a time
+        self._workers: List[threading.Thread] = []
+        self._clients: Dict[int, LlmClient] = {}  # job number -> its client, while it has one
+        self._idle = 0
+        self._shut = False
+        self._submitted = self._done = self._failed = self._tokens = 0
+
+    # -- work in --
+
+    def submit(self, prompt: str, *, system: Optional[str] = None) -> concurrent.futures.Future[LlmResponse]:
+        """Queue one prompt; its ``Future`` gives the ``LlmResponse`` or raises its error."""
+        future: concurrent.futures.Future[LlmResponse] = concurrent.futures.Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("this AgentPool is shut down; make a new one")
+            self._submitted += 1
+            self._queue.put(_PoolWork(future, prompt, system))
+            if self._idle == 0 and len(self._workers) < self.jobs:
+                number = len(self._workers)
+                # a daemon: an interpreter that exits does not wait for a stuck turn
+                worker = threading.Thread(target=self._work, args=(number,), name=f"omk_llm-pool-{number}")
+                worker.daemon = True
+                self._workers.append(worker)
+                worker.start()
+        return future
+
+    @overload
+    def map(
+        self,
+        prompts: Iterable[str],
+        *,
+        system: Optional[str] = ...,
+        return_exceptions: Literal[False] = ...,
+        timeout: Optional[float] = ...,
+    ) -> Iterator[LlmResponse]: ...
+
+    @overload
+    def map(
+        self,
+        prompts: Iterable[str],
+        *,
+        system: Optional[str] = ...,
+        return_exceptions: Literal[True],
+        timeout: Optional[float] = ...,
+    ) -> Iterator[PoolResult]: ...
+
+    def map(
+        self,
+        prompts: Iterable[str],
+        *,
+        system: Optional[str] = None,
+        return_exceptions: bool = False,
+        timeout: Optional[float] = None,
+    ) -> Iterator[Any]:
+        """Answers in the order of ``prompts`` (all queued at once, as ``Executor.map``
+        does). By default the first failure stops the rest: no further prompt starts, and
+        iterating raises the first error in input order after the answers before it. With
+        ``return_exceptions=True`` every prompt runs and a failed one yields its error in
+        its place. ``timeout`` bounds the whole iteration, as in ``Executor.map``."""
+        futures = [self.submit(prompt, system=system) for prompt in prompts]
+        if not return_exceptions:
+
+            def stop_the_rest(done: concurrent.futures.Future[LlmResponse]) -> None:
+                if not done.cancelled() and done.exception() is not None:
+                    for future in futures:
+                        future.cancel()
+
+            for future in futures:
+                future.add_done_callback(stop_the_rest)
+        return self._in_order(futures, return_exceptions, timeout)
+
+    @staticmethod
+    def _in_order(
+        futures: List[concurrent.futures.Future[LlmResponse]],
+        return_exceptions: bool,
+        timeout: Optional[float],
+    ) -> Iterator[Any]:
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            for future in futures:
+                try:
+                    yield future.result(None if end is None else max(0.0, end - time.monotonic()))
+                except concurrent.futures.CancelledError as cancelled:
+                    if return_exceptions:
+                        yield cancelled
+                        continue
+                    # stopped by a later prompt's failure that came first
+                    raise next((f.exception() for f in futures if _failed(f)), None) or cancelled from None
+                except Exception as err:
+                    if not (return_exceptions and future.done()):
+                        raise  # the prompt's own error, or map's timeout
+                    yield err
+        finally:
+            for future in futures:  # the caller stopped early: what has not started never will
+                future.cancel()
+
+    # -- the end --
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more prompts; each job ends its agent once the queue is done (or, with
+        ``cancel_futures``, once its running prompt is). ``wait`` waits for that."""
+        with self._lock:
+            self._shut = True
+            workers = list(self._workers)
+        if cancel_futures:
+            self._cancel_queued()
+        for _ in workers:
+            self._queue.put(None)
+        if wait:
+            for worker in workers:
+                worker.join()
+
+    def abort(self) -> None:
+        """Stop at once: cancel what has not started and the running turns, and end every
+        agent, within about ``shutdown_grace`` seconds. ``with`` does this on an exception."""
+        try:
+            self.shutdown(wait=False, cancel_futures=True)
+            with self._lock:
+                clients = list(self._clients.values())
+            for client in clients:
+                _call_if_present(client, "cancel")
+            end = time.monotonic() + self.shutdown_grace
+            for worker in self._workers:
+                worker.join(max(0.0, end - time.monotonic()))
+        finally:  # a second Ctrl-C still ends the agents
+            with self._lock:
+                stuck = list(self._clients.values())
+            for client in stuck:
+                _call_if_present(client, "close")
+
+    def __enter__(self) -> AgentPool:
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], *exc_info: object) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.shutdown(wait=True)
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- the jobs --
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                work = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if work is not None:
+                work.future.cancel()
+
+    def _work(self, number: int) -> None:
+        client: Optional[LlmClient] = None
+        try:
+            while True:
+                with self._lock:
+                    self._idle += 1
+                work = self._queue.get()
+                with self._lock:
+                    self._idle -= 1
+                if work is None:
+                    return
+                if not work.future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    if client is None:
+                        client = self._make_client()
+                        with self._lock:
+                            self._clients[number] = client
+                    response = self._one(client, work)
+                except Exception as err:
+                    self._finished(work.future, None, err)
+                else:
+                    self._finished(work.future, response, None)
+        finally:
+            with self._lock:
+                self._clients.pop(number, None)
+            if client is not None:
+                _call_if_present(client, "close")
+
+    def _one(self, client: LlmClient, work: _PoolWork) -> LlmResponse:
+        # Clients check the prompt's own count; this refuses any prompt once the budget is
+        # spent, whatever the client (the mock checks nothing).
+        if self.budget.remaining <= 0:
+            raise BudgetExhaustedError(
+                self.budget.used_tokens,
+                self.budget.max_tokens,
+                message=f"the pool's token budget is spent ({self.budget.used_tokens} of "
+                f"{self.budget.max_tokens} used); give it a larger TokenBudget",
+            )
+        if work.system is None:
+            return client.complete(work.prompt, self.budget)
+        return client.complete_with_system(work.system, work.prompt, self.budget)
+
+    def _finished(
+        self,
+        future: concurrent.futures.Future[LlmResponse],
+        response: Optional[LlmResponse],
+        err: Optional[Exception],
+    ) -> None:
+        with self._lock:
+            self._done += 1
+            self._failed += err is not None
+            self._tokens += response.total_tokens if response is not None else 0
+            progress = PoolProgress(self._done, self._failed, self._submitted, self._tokens)
+        if self._on_progress is not None:
+            try:
+                with self._progress_lock:
+                    self._on_progress(progress)
+            except Exception:
+                logger.exception("the pool's on_progress callback raised; the pool goes on")
+        # after the progress call, so that a caller who sees every future done has seen it
+        if err is not None:
+            future.set_exception(err)
+        else:
+            assert response is not None
+            future.set_result(response)
+
+
+def _failed(future: concurrent.futures.Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is not None
+
+
+def _call_if_present(client: object, method: str) -> None:
+    """Call ``client.cancel()`` or ``.close()`` if it has one (``LlmClient`` needs neither);
+    an error there is logged, so that the other agents still end."""
+    call = getattr(client, method, None)
+    if call is None:
+        return
+    try:
+        call()
+    except Exception:
+        logger.exception("%s() on a pool's client failed", method)
+
+
+# ---- Dask: a pool in every worker process -------------------------------------------
+
+_worker_pools: Dict[str, AgentPool] = {}  # in a worker process: one pool per dask_map call
+_worker_pools_lock = threading.Lock()
+
+
+def _dask_chunk(
+    prompts: List[str], token: str, make_client: Callable[[], LlmClient], jobs: int, system: Optional[str]
+) -> List[PoolResult]:
+    """One task on a Dask worker: its prompts through this process's pool for the call."""
+    with _worker_pools_lock:
+        pool = _worker_pools.get(token)
+        if pool is None:
+            if not _worker_pools:
+                atexit.register(_close_worker_pools)
+            pool = _worker_pools[token] = AgentPool(make_client, jobs)
+    return list(pool.map(prompts, system=system, return_exceptions=True))
+
+
+def _close_worker_pools(token: Optional[str] = None) -> int:
+    """End the pools of one dask_map call (or all) in this process: how many there were."""
+    with _worker_pools_lock:
+        tokens = [token] if token is not None else list(_worker_pools)
+        pools = [_worker_pools.pop(t) for t in tokens if t in _worker_pools]
+    for pool in pools:
+        pool.shutdown(wait=True)
+    return len(pools)
+
+
+def dask_map(
+    dask_client: Any,
+    prompts: Iterable[str],
+    make_client: Callable[[], LlmClient],
+    *,
+    jobs_per_worker: int = 4,
+    system: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    return_exceptions: bool = True,
+) -> List[PoolResult]:
+    """Run ``prompts`` over a Dask cluster (``dask_client`` is a ``distributed.Client``):
+    each worker process keeps its own ``AgentPool`` of ``jobs_per_worker`` agents for this
+    call, fed ``chunk_size`` prompts a task. Returns the results in input order, a failed
+    prompt's error (the library's own type, attributes and all) in its place; with
+    ``return_exceptions=False`` the first error in input order is raised instead. When it
+    returns or raises, every worker's agents of this call have ended. ``make_client`` must
+    pickle (a ``ClientFactory`` does). Needs ``pip install 'omk_llm[dask]'``."""
+    if not isinstance(jobs_per_worker, int) or jobs_per_worker < 1:
+        raise ValueError(f"jobs_per_worker must be a whole number of 1 or more, got {jobs_per_worker!r}")
+    items = list(prompts)
+    size = chunk_size if chunk_size is not None else 2 * jobs_per_worker
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"chunk_size must be a whole number of 1 or more, got {chunk_size!r}")
+    token = f"omk_llm-{os.urandom(8).hex()}"
+    chunks = [items[start : start + size] for start in range(0, len(items), size)]
+    futures = dask_client.map(
+        _dask_chunk,
+        chunks,
+        token=token,
+        make_client=make_client,
+        jobs=jobs_per_worker,
+        system=system,
+        pure=False,
+    )
+    try:
+        results: List[PoolResult] = [result for chunk in dask_client.gather(futures) for result in chunk]
+    finally:
+        dask_client.cancel(futures)
+        dask_client.run(_close_worker_pools, token)
+    if not return_exceptions:
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+    return results
 
 
 # ======================================================================================

@@ -33,8 +33,10 @@ import omk_llm
 from omk_llm import (
     AcpLlmClient,
     AcpStdio,
+    AgentPool,
     AuthenticationError,
     BudgetExhaustedError,
+    ClientFactory,
     ContextLengthExceededError,
     CostEstimator,
     ErrorResponse,
@@ -48,6 +50,7 @@ from omk_llm import (
     MockLlmClient,
     ParseError,
     PeerStartError,
+    PoolProgress,
     RateLimitedError,
     Request,
     RetryPolicy,
@@ -387,6 +390,8 @@ def test_configs_and_responses_survive_pickle_and_copy() -> None:
         LlmResponse("text", 1, 2, 3, "kimi-k2", "stop", "thought"),
         LlmUsage(1, 2, 3, 0.5),
         omk_llm.TurnEffects(("Shell",), 1, "x"),
+        omk_llm.ClientFactory(("kimi", "--wire"), acp=False, config=LlmClientConfig(timeout=5.0)),
+        omk_llm.PoolProgress(3, 1, 10, 42),
     ):
         assert pickle.loads(pickle.dumps(value)) == value
         assert copy.deepcopy(value) == value
@@ -2650,6 +2655,237 @@ def test_the_same_program_behaves_the_same_over_either_protocol(
     protocol: str, real_peer: Callable[..., Any]
 ) -> None:
     assert ask_three_questions(real_peer()) == ["alpha", "stop", "beta", "refused empty prompt", True]
+
+
+# ======================================================================================
+# Many prompts: the pool
+# ======================================================================================
+
+
+class EchoClient:
+    """An LlmClient for pool tests: answers each prompt with itself (2 tokens), after
+    ``sleep S:`` waits S seconds first, and raises for ``fail``; records what it was asked."""
+
+    def __init__(self, log: Optional[List[str]] = None) -> None:
+        self.log = log if log is not None else []
+        self.closed = False
+        self.cancelled = threading.Event()
+
+    def complete(self, prompt: str, budget: TokenBudget) -> LlmResponse:
+        self.log.append(prompt)
+        match = re.match(r"sleep ([\d.]+):(.*)", prompt, re.S)
+        if match:
+            if self.cancelled.wait(float(match.group(1))):
+                raise TurnCancelledError("cancelled")
+            prompt = match.group(2)
+        if prompt.startswith("fail"):
+            raise TransientNetworkError(prompt)
+        budget.record_usage(2)
+        return LlmResponse(prompt, 1, 1, 2, "echo", "stop")
+
+    def complete_with_system(self, system: str, prompt: str, budget: TokenBudget) -> LlmResponse:
+        return self.complete(system_prompt(system, prompt), budget)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def echo_clients() -> Any:
+    """A make_client that keeps every EchoClient it made (in ``.made``)."""
+    made: List[EchoClient] = []
+
+    def make() -> EchoClient:
+        made.append(EchoClient())
+        return made[-1]
+
+    make.made = made  # type: ignore[attr-defined]
+    return make
+
+
+def test_pool_map_gives_answers_in_input_order_whatever_finishes_first() -> None:
+    prompts = [f"sleep {0.01 * (i % 4)}:{i}" for i in range(12)]  # later ones often finish first
+    with AgentPool(echo_clients(), jobs=4) as pool:
+        assert [r.content for r in pool.map(prompts)] == [str(i) for i in range(12)]
+
+
+def test_pool_submit_gives_a_future_of_the_response() -> None:
+    with AgentPool(echo_clients(), jobs=2) as pool:
+        future = pool.submit("hello", system="be brief")
+        assert isinstance(future, concurrent.futures.Future)
+        assert future.result(5).content == system_prompt("be brief", "hello")
+
+
+def test_pool_runs_its_jobs_on_as_many_agent_processes() -> None:
+    with AgentPool(ClientFactory((sys.executable, FAKE_PEER), config=config()), jobs=3) as pool:
+        pids = {r.content for r in pool.map(["sleep: 0.3\npid"] * 6)}
+    assert len(pids) == 3
+    assert not [pid for pid in pids if pid_alive(int(pid))]  # and each ended with the pool
+
+
+def test_pool_makes_a_client_only_for_a_job_that_gets_work() -> None:
+    make = echo_clients()
+    with AgentPool(make, jobs=8) as pool:
+        assert [r.content for r in pool.map(["a", "b"])] == ["a", "b"]
+    assert 1 <= len(make.made) <= 2
+    assert all(client.closed for client in make.made)
+
+
+def test_pool_with_return_exceptions_puts_each_error_in_its_place() -> None:
+    with AgentPool(echo_clients(), jobs=2) as pool:
+        results = list(pool.map(["a", "fail here", "c"], return_exceptions=True))
+    assert results[0].content == "a" and results[2].content == "c"
+    assert isinstance(results[1], TransientNetworkError) and str(results[1]) == "fail here"
+
+
+def test_pool_map_stops_at_the_first_error_by_default() -> None:
+    make = echo_clients()
+    with AgentPool(make, jobs=1) as pool:
+        answers = pool.map(["a", "sleep 0.2:fail", "c", "d"])
+        assert next(answers).content == "a"
+        with pytest.raises(TransientNetworkError, match="fail"):
+            next(answers)
+    assert make.made[0].log == ["a", "sleep 0.2:fail"]  # "c" and "d" never started
+
+
+def test_pool_map_raises_the_first_error_in_input_order_not_in_time() -> None:
+    with AgentPool(echo_clients(), jobs=2) as pool:
+        answers = pool.map(["sleep 0.3:fail first", "fail second"])
+        with pytest.raises(TransientNetworkError, match="fail first"):
+            next(answers)
+
+
+def test_pool_map_left_early_cancels_the_prompts_not_started() -> None:
+    make = echo_clients()
+    with AgentPool(make, jobs=1) as pool:
+        answers = pool.map(["sleep 0.2:a", "sleep 0.2:b", "c"])
+        assert next(answers).content == "a"
+        answers.close()  # a for loop left by break does this
+    assert make.made[0].log == ["sleep 0.2:a", "sleep 0.2:b"]  # "b" had started
+
+
+def test_pool_map_timeout_bounds_the_whole_iteration() -> None:
+    with AgentPool(echo_clients(), jobs=1) as pool:
+        answers = pool.map(["a", "sleep 5:b"], timeout=0.3)
+        assert next(answers).content == "a"
+        with pytest.raises(concurrent.futures.TimeoutError):
+            next(answers)
+        pool.abort()
+
+
+def test_pool_shares_one_budget_and_refuses_each_prompt_once_it_is_spent() -> None:
+    shared = TokenBudget(5)
+    with AgentPool(echo_clients(), jobs=1, budget=shared) as pool:
+        results = list(pool.map(["a", "b", "c", "d", "e"], return_exceptions=True))
+    assert [r.content for r in results[:3]] == ["a", "b", "c"]  # 2, 4, then 6 of 5 used
+    assert all(isinstance(r, BudgetExhaustedError) for r in results[3:])
+    assert "spent (6 of 5 used)" in str(results[3])
+    assert shared.used_tokens == 6
+
+
+def test_pool_budget_refusal_by_an_agent_client_is_an_item_error() -> None:
+    shared = TokenBudget(12)
+    make = ClientFactory((sys.executable, FAKE_PEER), config=config(retry=NO_RETRY))
+    with AgentPool(make, jobs=1, budget=shared) as pool:
+        results = list(pool.map(["text: short", "text: " + "many words " * 20], return_exceptions=True))
+    assert results[0].content == "short"
+    assert isinstance(results[1], BudgetExhaustedError) and "cannot afford" in str(results[1])
+
+
+def test_pool_budget_loses_no_update_across_many_jobs() -> None:
+    shared = TokenBudget(10_000)
+    with AgentPool(echo_clients(), jobs=8, budget=shared) as pool:
+        assert len(list(pool.map([str(i) for i in range(400)]))) == 400
+    assert shared.used_tokens == 800
+
+
+def test_pool_progress_says_done_failed_total_and_tokens() -> None:
+    seen: List[PoolProgress] = []
+    with AgentPool(echo_clients(), jobs=2, on_progress=seen.append) as pool:
+        list(pool.map(["a", "fail", "c", "d"], return_exceptions=True))
+    assert seen[-1] == PoolProgress(done=4, failed=1, total=4, tokens=6)
+    assert [p.done for p in seen] == [1, 2, 3, 4]
+
+
+def test_pool_goes_on_when_its_progress_callback_raises(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(progress: PoolProgress) -> None:
+        raise RuntimeError("a bug in the caller's callback")
+
+    with AgentPool(echo_clients(), jobs=1, on_progress=broken) as pool:
+        assert [r.content for r in pool.map(["a", "b"])] == ["a", "b"]
+    assert "on_progress callback raised" in caplog.text
+
+
+def test_pool_an_error_made_by_make_client_is_the_prompts_error() -> None:
+    def make() -> EchoClient:
+        raise PeerStartError("no agent here")
+
+    with AgentPool(make, jobs=1) as pool:
+        results = list(pool.map(["a", "b"], return_exceptions=True))
+    assert all(isinstance(r, PeerStartError) for r in results)
+
+
+def test_pool_refuses_a_prompt_after_shutdown() -> None:
+    pool = AgentPool(echo_clients(), jobs=1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shut down; make a new one"):
+        pool.submit("a")
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_pool_refuses_a_number_of_jobs_that_is_not_one_or_more(jobs: Any) -> None:
+    with pytest.raises(ValueError, match="jobs must be a whole number of 1 or more"):
+        AgentPool(echo_clients(), jobs=jobs)
+
+
+def test_client_factory_refuses_a_command_given_as_one_string() -> None:
+    with pytest.raises(ValueError, match="sequence of words"):
+        ClientFactory("kimi --wire")  # type: ignore[arg-type]
+
+
+def test_pool_exception_in_the_caller_cancels_the_running_turns_and_ends_every_agent() -> None:
+    make = ClientFactory((sys.executable, FAKE_PEER), config=config(retry=NO_RETRY))
+    threads_before = threading.active_count()
+    with pytest.raises(ZeroDivisionError), AgentPool(make, jobs=3) as pool:
+        pids = [int(r.content) for r in pool.map(["sleep: 0.2\npid"] * 3)]
+        running = [pool.submit("stall") for _ in range(3)]
+        queued = pool.submit("text: never")
+        time.sleep(0.3)
+        raise ZeroDivisionError("a bug in the caller")
+    assert len(set(pids)) == 3 and not [pid for pid in pids if pid_alive(pid)]
+    assert all(isinstance(f.exception(5), TurnCancelledError) for f in running)
+    assert queued.cancelled()
+    assert threading.active_count() == threads_before
+
+
+def test_pool_ctrl_c_ends_every_agent_even_a_deaf_one() -> None:
+    make = ClientFactory((sys.executable, FAKE_PEER, "--ignore-eof"), config=config(retry=NO_RETRY))
+    fds_before = open_fds()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), AgentPool(make, jobs=2, shutdown_grace=0.5) as pool:
+        pids = [int(r.content) for r in pool.map(["sleep: 0.2\npid"] * 2)]
+        timer = _interrupt_soon(0.3)
+        list(pool.map(["deaf", "stall", "text: never"]))
+    timer.join()
+    assert time.monotonic() - started < 15  # no hang
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert open_fds() == fds_before
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_pool_over_the_real_kimi_gives_each_answer_in_order(protocol: str, tmp_path: Path) -> None:
+    if not kimi_echo.venv_python().exists():
+        pytest.fail("the real Kimi CLI is not installed") if os.environ.get("CI") else pytest.skip("no kimi")
+    argv, env = kimi_echo.peer_command(protocol, tmp_path / "home")
+    make = ClientFactory(
+        tuple(argv), acp=protocol == "acp", env=env, config=config(timeout=60), startup_timeout=60
+    )
+    with AgentPool(make, jobs=2) as pool:
+        results = list(pool.map([f"text: answer {i}" for i in range(6)], return_exceptions=True))
+    assert [getattr(r, "content", r) for r in results] == [f"answer {i}" for i in range(6)]
 
 
 # ======================================================================================

@@ -16,6 +16,7 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     error: CODE MSG  end with that JSON-RPC error
     status: S        end with that status (wire) or stopReason (ACP)
     grandchild       start a long sleep in the background and say its pid
+    pid              say the peer's own process id
     nothing          end without a single update (ACP: a hidden provider error)
     forget           (ACP) lose the session, as an agent restarted behind a proxy would
     history          say (as JSON) the earlier prompts this context holds, as the model got them
@@ -366,6 +367,8 @@ class Peer:
             elif command == "grandchild":
                 child = subprocess.Popen(["sleep", "300"])
                 emit(self.text_event(str(child.pid)))
+            elif command == "pid":
+                emit(self.text_event(str(os.getpid())))
             elif command == "nothing":
                 return "finished"
             elif command == "forget":
