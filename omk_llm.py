@@ -3496,11 +3496,32 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omk_llm",
         description="Send one prompt to an agent CLI (Kimi CLI over wire, or any ACP agent) "
-        "and print the answer as it streams, then a usage line on stderr.",
-        epilog="exit codes: 0 answered, 1 failed, 2 usage, 3 refused by --budget or "
-        "--max-tokens, 4 timed out, 5 agent could not start, 6 login needed, 130 interrupted",
+        "and print the answer as it streams, then a usage line on stderr. With --batch, "
+        "send many over --jobs agents and print one JSON object a line, in input order.",
+        epilog="exit codes: 0 answered, 1 failed (with --batch: any prompt failed), 2 usage, "
+        "3 refused by --budget or --max-tokens, 4 timed out, 5 agent could not start, "
+        "6 login needed, 130 interrupted",
     )
-    parser.add_argument("prompt", help="the prompt; - reads it from standard input")
+    parser.add_argument("prompt", nargs="?", help="the prompt; - reads it from standard input")
+    parser.add_argument(
+        "--batch",
+        metavar="FILE",
+        help="prompts from FILE (- for standard input), one a line: in a .jsonl file a JSON "
+        'string or an object with "prompt" (and "system"), else the line\'s text; blank '
+        "lines are skipped. Prints one JSON object a line on stdout, in input order",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_whole_number(1),
+        default=4,
+        help="with --batch: how many agents run prompts side by side (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-format",
+        choices=("auto", "jsonl", "text"),
+        default="auto",
+        help="with --batch: how to read FILE (default: auto, jsonl for a .jsonl name, else text)",
+    )
     parser.add_argument("--acp", action="store_true", help="speak ACP instead of the wire protocol")
     parser.add_argument(
         "--command",
@@ -3512,8 +3533,8 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_seconds,
         default=300.0,
-        help="seconds for the whole command: starting the agent, the turn and any retries "
-        "(default: %(default)g)",
+        help="seconds for the whole command: starting the agent, the turn and any retries; "
+        "with --batch, for each prompt (default: %(default)g)",
     )
     parser.add_argument(
         "--startup-timeout",
@@ -3539,8 +3560,8 @@ def _parser() -> argparse.ArgumentParser:
         "--budget",
         type=_whole_number(1),
         default=None,
-        help="refuse or stop a turn that would spend more tokens, prompt and answer together "
-        "(default: no budget)",
+        help="refuse or stop a turn that would spend more tokens, prompt and answer together; "
+        "with --batch, one budget for all the prompts (default: no budget)",
     )
     parser.add_argument(
         "--model",
@@ -3620,6 +3641,154 @@ def _usage_line(response: LlmResponse, usd: Optional[float], model: Optional[str
     return line
 
 
+@dataclasses.dataclass(frozen=True)
+class _BatchItem:
+    """One prompt of a batch file, or why its line is not one."""
+
+    line: int  # 1-based, in the file
+    prompt: str = ""
+    system: Optional[str] = None
+    error: Optional[LlmError] = None
+
+
+def _batch_items(data: bytes, jsonl: bool, system: Optional[str]) -> List[_BatchItem]:
+    """The prompts of a batch file's bytes; a line that holds none is an item with an error,
+    so that every other line still runs and the output keeps its place."""
+    items = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw[:-1] if raw.endswith(b"\r") else raw
+        if raw.strip():
+            try:
+                items.append(_batch_item(number, raw, jsonl, system))
+            except InvalidPromptError as err:
+                items.append(_BatchItem(number, error=err))
+    return items
+
+
+def _batch_item(number: int, raw: bytes, jsonl: bool, system: Optional[str]) -> _BatchItem:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidPromptError(
+            f"line {number} is not UTF-8 text ({err.reason} at byte {err.start}); convert the file first"
+        ) from None
+    if not jsonl:
+        return _BatchItem(number, text, system)
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise InvalidPromptError(f"line {number} is not JSON ({err})") from None
+    if isinstance(value, str):
+        return _BatchItem(number, value, system)
+    own_system = value.get("system") if isinstance(value, dict) else None
+    if not (isinstance(value, dict) and isinstance(value.get("prompt"), str)) or not isinstance(
+        own_system, (str, type(None))
+    ):
+        raise InvalidPromptError(
+            f'line {number} is neither a JSON string nor an object with "prompt" (a string) '
+            f'and maybe "system" (a string): {text[:100]!r}'
+        )
+    return _BatchItem(number, value["prompt"], own_system if own_system is not None else system)
+
+
+def _batch_result(index: int, item: _BatchItem, outcome: PoolResult, model: Optional[str]) -> Dict[str, Any]:
+    """The JSON object of one prompt's outcome, as the batch prints it."""
+    result: Dict[str, Any] = {"index": index, "line": item.line}
+    if isinstance(outcome, LlmResponse):
+        usage: Dict[str, Any] = {
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "total_tokens": outcome.total_tokens,
+            "reported": outcome.usage_reported,
+        }
+        if model:
+            usage["estimated_usd"] = CostEstimator().estimate(
+                outcome.prompt_tokens, outcome.completion_tokens, model
+            )
+        result.update(content=outcome.content, usage=usage, finish_reason=outcome.finish_reason)
+        if outcome.thinking:
+            result["thinking"] = outcome.thinking
+    else:
+        message = (
+            _message_for_the_command_line(outcome, "--startup-timeout")
+            if isinstance(outcome, LlmError)
+            else str(outcome)
+        )
+        result["error"] = {"type": type(outcome).__name__, "message": message}
+    return result
+
+
+def _run_batch(
+    args: argparse.Namespace, factory: ClientFactory, data: bytes, stdout: Any, stderr: Any, started: float
+) -> int:
+    """Batch mode: every prompt of ``data`` over ``--jobs`` agents, one JSON line each, in
+    input order as each is ready; a progress line on a terminal; 1 if any failed."""
+    name = "" if args.batch == "-" else args.batch
+    jsonl = args.batch_format == "jsonl" or (args.batch_format == "auto" and name.endswith(".jsonl"))
+    items = _batch_items(data, jsonl, args.system)
+    unreadable = sum(item.error is not None for item in items)
+    on_terminal = bool(getattr(stderr, "isatty", lambda: False)())
+    shown = [PoolProgress(0, 0, len(items) - unreadable, 0)]
+    show_lock = threading.Lock()
+
+    def show(progress: PoolProgress) -> None:
+        with show_lock:
+            shown[0] = progress
+            if on_terminal:
+                stderr.write(
+                    f"\romk_llm: {progress.done + unreadable}/{len(items)} done, "
+                    f"{progress.failed + unreadable} failed, {progress.tokens} tokens\033[K"
+                )
+                stderr.flush()
+
+    budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
+    failed = 0
+    try:
+        with AgentPool(factory, jobs=args.jobs, budget=budget, on_progress=show) as pool:
+            futures = [None if item.error else pool.submit(item.prompt, system=item.system) for item in items]
+            if on_terminal:
+                show(shown[0])
+            for index, (item, future) in enumerate(zip(items, futures)):
+                outcome: PoolResult
+                if future is None:
+                    assert item.error is not None
+                    outcome = item.error
+                else:
+                    error = future.exception()
+                    outcome = future.result() if error is None else cast(Exception, error)
+                failed += not isinstance(outcome, LlmResponse)
+                line = json.dumps(_batch_result(index, item, outcome, args.model), ensure_ascii=False)
+                with show_lock:
+                    if on_terminal:
+                        stderr.write("\r\033[K")  # the progress line is redrawn by the next update
+                    stdout.write(line + "\n")
+                    stdout.flush()
+    finally:
+        if on_terminal:
+            stderr.write("\r\033[K")
+            stderr.flush()
+    print(
+        f"omk_llm: {len(items)} prompt(s): {len(items) - failed} answered, {failed} failed, "
+        f"{shown[0].tokens} tokens, {time.monotonic() - started:.1f} s",
+        file=stderr,
+    )
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _read_batch(path: str, stdin: Any) -> bytes:
+    if path == "-":
+        buffer = getattr(stdin, "buffer", None)
+        data = buffer.read() if buffer is not None else stdin.read()
+        return data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape")
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as err:
+        raise ValueError(
+            f"--batch {path!r} cannot be read ({err.strerror or err}); give a file of prompts"
+        ) from None
+
+
 def main(
     argv: Optional[Sequence[str]] = None,
     *,
@@ -3633,7 +3802,10 @@ def main(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     environ = os.environ if environ is None else environ
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.batch is None):
+        parser.error("give a prompt or --batch FILE" + (", not both" if args.batch else ""))
 
     handler = logging.StreamHandler(stderr)
     handler.setFormatter(logging.Formatter("omk_llm: %(message)s"))
@@ -3651,19 +3823,20 @@ def main(
     started = time.monotonic()
     code = EXIT_FAILURE
     try:
-        try:
-            prompt = stdin.read() if args.prompt == "-" else args.prompt
-        except UnicodeDecodeError as err:
-            return fail(
-                f"standard input is not UTF-8 text ({err.reason} at byte {err.start}); "
-                "convert it first, e.g. with iconv",
-                EXIT_USAGE,
-            )
+        if args.batch is not None:
+            batch = _read_batch(args.batch, stdin)
+        else:
+            try:
+                prompt = stdin.read() if args.prompt == "-" else args.prompt
+            except UnicodeDecodeError as err:
+                return fail(
+                    f"standard input is not UTF-8 text ({err.reason} at byte {err.start}); "
+                    "convert it first, e.g. with iconv",
+                    EXIT_USAGE,
+                )
         agent_argv = _agent_argv(args, environ)
         if args.cwd is not None and not os.path.isdir(args.cwd):
             return fail(f"--cwd {args.cwd!r} is not a directory; create it or pass another", EXIT_USAGE)
-        if args.system is not None:
-            prompt = system_prompt(args.system, prompt)
         startup_timeout = min(args.startup_timeout, args.timeout)
         config = LlmClientConfig(
             model=args.model or "kimi",  # without --model: cl100k_base
@@ -3671,6 +3844,20 @@ def main(
             timeout=args.timeout,  # each attempt also ends by the deadline of the whole
             retry_policy=RetryPolicy(max_retries=args.retries),
         )
+        if args.batch is not None:  # each prompt's retries end by --timeout
+            per_prompt = RetryPolicy(max_retries=args.retries, deadline=args.timeout)
+            factory = ClientFactory(
+                tuple(agent_argv),
+                acp=args.acp,
+                cwd=args.cwd,
+                config=dataclasses.replace(config, retry_policy=per_prompt),
+                approval=args.approval,
+                startup_timeout=startup_timeout,
+            )
+            code = _run_batch(args, factory, batch, stdout, stderr, started)
+            return code
+        if args.system is not None:
+            prompt = system_prompt(args.system, prompt)
         transport: _JsonRpcStdio
         if args.acp:
             transport = acp = AcpStdio(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)

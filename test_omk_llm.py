@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -3195,6 +3196,134 @@ def test_cli_interrupted_while_closing_exits_130_and_ends_the_agent() -> None:
     assert proc.returncode == omk_llm.EXIT_INTERRUPTED
     assert "Traceback" not in err and "interrupted" in err
     assert not pid_alive(sleeper)
+
+
+# ---- batch mode -----------------------------------------------------------------------
+
+
+def batch_lines(done: subprocess.CompletedProcess[str]) -> List[Any]:
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_cli_batch_prints_one_json_object_a_prompt_in_input_order(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("text: slow ... sleep: 0.3\n\ntext: fast\r\ntext: third\n")
+    done = run_cli("--command", FAKE_COMMAND, "--batch", str(prompts), "--jobs", "3")
+    lines = batch_lines(done)
+    assert done.returncode == 0
+    assert [(r["index"], r["line"]) for r in lines] == [(0, 1), (1, 3), (2, 4)]  # the blank line skipped
+    assert [r["content"] for r in lines] == ["slow ... sleep: 0.3", "fast", "third"]
+    assert lines[0]["finish_reason"] == "stop" and lines[0]["usage"]["total_tokens"] > 0
+    assert "3 prompt(s): 3 answered, 0 failed" in done.stderr
+
+
+def test_cli_batch_keeps_input_order_when_a_later_prompt_finishes_first(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("sleep: 0.5\ntext: slow") + "\n" + json.dumps("text: fast") + "\n")
+    lines = batch_lines(run_cli("--command", FAKE_COMMAND, "--batch", str(prompts), "--jobs", "2"))
+    assert [r["content"] for r in lines] == ["slow", "fast"]
+
+
+def test_cli_batch_reads_json_lines_with_their_own_system_prompt(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"text: plain"\n{"prompt": "text: user", "system": "text: from system"}\n')
+    lines = batch_lines(run_cli("--command", FAKE_COMMAND, "--batch", str(prompts)))
+    assert [r["content"] for r in lines] == ["plain", "from systemuser"]
+
+
+def test_cli_batch_a_failed_prompt_is_an_error_object_and_the_exit_code_says_so(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("text: one\ndie: 3\ntext: three\n")
+    done = run_cli("--command", FAKE_COMMAND, "--batch", str(prompts), "--retries", "0")
+    lines = batch_lines(done)
+    assert done.returncode == omk_llm.EXIT_FAILURE
+    assert [r.get("content") for r in lines] == ["one", None, "three"]
+    assert lines[1]["error"]["type"] == "TransientNetworkError" and lines[1]["error"]["message"]
+    assert "1 failed" in done.stderr
+
+
+def test_cli_batch_a_line_that_is_no_prompt_is_its_own_error(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'[1]\nnot json\n{"prompt": 5}\n"\xff"\n"text: fine"\n')
+    lines = batch_lines(run_cli("--command", FAKE_COMMAND, "--batch", str(prompts)))
+    assert [r["line"] for r in lines] == [1, 2, 3, 4, 5]
+    assert [r.get("error", {}).get("type") for r in lines[:4]] == ["InvalidPromptError"] * 4
+    assert "is not JSON" in lines[1]["error"]["message"] and "not UTF-8" in lines[3]["error"]["message"]
+    assert lines[4]["content"] == "fine"
+
+
+def test_cli_batch_reads_standard_input() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "--batch", "-", stdin="text: a\ntext: b\n")
+    assert [r["content"] for r in batch_lines(done)] == ["a", "b"]
+
+
+def test_cli_batch_shares_one_budget_and_names_the_flag(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("text: one\n" * 4)
+    done = run_cli("--command", FAKE_COMMAND, "--batch", str(prompts), "--jobs", "1", "--budget", "9")
+    lines = batch_lines(done)
+    assert [r.get("content") for r in lines[:2]] == ["one", "one"]  # 4 tokens each
+    assert lines[2]["error"]["type"] == "BudgetExhaustedError"
+    assert "raise --budget" in lines[2]["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["text: hi", "--batch", "x.txt"], "not both"),
+        ([], "give a prompt or --batch FILE"),
+        (["--batch", "/no/such/file.txt"], "cannot be read"),
+        (["--batch", "-", "--jobs", "0"], "must be 1 or more"),
+    ],
+)
+def test_cli_batch_usage_errors_say_what_to_do(args: List[str], says: str) -> None:
+    done = run_cli("--command", FAKE_COMMAND, *args)
+    assert done.returncode == omk_llm.EXIT_USAGE and says in done.stderr
+
+
+def test_cli_batch_shows_a_progress_line_only_on_a_terminal(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("text: a\ntext: b\n")
+    for stderr in (_Terminal(), io.StringIO()):
+        stdout = io.StringIO()
+        argv = ["--command", FAKE_COMMAND, "--batch", str(prompts)]
+        code = omk_llm.main(argv, stdout=stdout, stderr=stderr)
+        assert code == 0 and len(stdout.getvalue().splitlines()) == 2
+        assert ("2/2 done, 0 failed" in stderr.getvalue()) is isinstance(stderr, _Terminal)
+        assert "2 prompt(s): 2 answered" in stderr.getvalue()
+
+
+def test_cli_batch_interrupted_exits_130_keeps_what_was_printed_and_ends_every_agent(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((json.dumps("sleep: 0.3\npid") + "\n") * 2 + '"stall"\n' * 2)
+    proc = subprocess.Popen(
+        [sys.executable, "omk_llm.py", "--command", FAKE_COMMAND, "--batch", str(prompts), "--jobs", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    pids = [int(json.loads(proc.stdout.readline())["content"]) for _ in range(2)]
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=30)
+    assert proc.returncode == omk_llm.EXIT_INTERRUPTED
+    assert rest == "" and "Traceback" not in err and "interrupted" in err
+    assert len(set(pids)) == 2 and not [pid for pid in pids if pid_alive(pid)]
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_cli_batch_over_the_real_kimi(tmp_path: Path) -> None:
+    if not kimi_echo.venv_python().exists():
+        pytest.fail("the real Kimi CLI is not installed") if os.environ.get("CI") else pytest.skip("no kimi")
+    argv, env = kimi_echo.peer_command("wire", tmp_path / "home")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"text: answer {i}\n" for i in range(4)))
+    done = run_cli("--command", shlex.join(argv), "--batch", str(prompts), "--jobs", "2", env=env)
+    assert done.returncode == 0, done.stderr
+    assert [r["content"] for r in batch_lines(done)] == [f"answer {i}" for i in range(4)]
 
 
 # ======================================================================================
