@@ -3224,6 +3224,15 @@ class AgentPool:
             for future in futures:  # the caller stopped early: what has not started never will
                 future.cancel()
 
+    @property
+    def progress(self) -> PoolProgress:
+        """Where the pool's prompts stand now (what ``on_progress`` is given)."""
+        with self._lock:
+            return self._progress()
+
+    def _progress(self) -> PoolProgress:
+        return PoolProgress(self._done, self._failed, self._submitted, self._tokens)
+
     # -- the end --
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -3335,11 +3344,11 @@ class AgentPool:
             self._done += 1
             self._failed += err is not None
             self._tokens += response.total_tokens if response is not None else 0
-            progress = PoolProgress(self._done, self._failed, self._submitted, self._tokens)
+            progress = self._progress() if self._on_progress is not None else None
         if self._on_progress is not None:
             try:
                 with self._progress_lock:
-                    self._on_progress(progress)
+                    self._on_progress(progress)  # type: ignore[arg-type]
             except Exception:
                 logger.exception("the pool's on_progress callback raised; the pool goes on")
         # after the progress call, so that a caller who sees every future done has seen it

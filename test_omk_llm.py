@@ -2889,6 +2889,80 @@ def test_pool_over_the_real_kimi_gives_each_answer_in_order(protocol: str, tmp_p
     assert [getattr(r, "content", r) for r in results] == [f"answer {i}" for i in range(6)]
 
 
+# ---- a Dask cluster -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[Any]:
+    """A real local Dask cluster: a scheduler and two worker processes of two threads."""
+    try:
+        import distributed
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("the dask extra is not installed: pip install -e '.[test,dask]'")
+        pytest.skip("the dask extra is not installed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    )
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def agent_pids(content: str) -> Any:
+    """The answer before " pid=...", the agent's pid and its parent's (the fake peer's ``pids``)."""
+    match = re.fullmatch(r"(.*) pid=(\d+) ppid=(\d+)", content, re.S)
+    assert match, content
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_dask_map_gives_results_in_order_from_agents_in_the_worker_processes(dask_cluster: Any) -> None:
+    make = ClientFactory((sys.executable, FAKE_PEER), config=config())
+    prompts = [f"sleep: 0.{i % 3}\ntext: {i}\npids" for i in range(12)]
+    results = [agent_pids(r.content) for r in omk_llm.dask_map(dask_cluster, prompts, make, chunk_size=2)]
+    assert [answer for answer, _, _ in results] == [str(i) for i in range(12)]
+    workers = set(dask_cluster.run(os.getpid).values())
+    assert {parent for _, _, parent in results} == workers  # each worker process ran its own agents
+    assert not [pid for _, pid, _ in results if pid_alive(pid)]  # and the call ended them
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_dask_map_brings_an_items_error_back_as_the_librarys_own_with_attributes(dask_cluster: Any) -> None:
+    make = ClientFactory((sys.executable, FAKE_PEER), config=config(max_tokens=20))
+    results = omk_llm.dask_map(dask_cluster, ["text: short", "text: " + "word " * 50], make)
+    assert results[0].content == "short"
+    err = results[1]
+    assert type(err) is ContextLengthExceededError and err.max_tokens == 20 and err.prompt_tokens > 20
+    with pytest.raises(ContextLengthExceededError):
+        omk_llm.dask_map(dask_cluster, ["text: " + "word " * 50], make, return_exceptions=False)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_shutting_a_dask_cluster_down_ends_the_agents_of_a_pool_left_open() -> None:
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    )
+    client = distributed.Client(cluster)
+    make = ClientFactory((sys.executable, FAKE_PEER), config=config())
+    try:  # one task straight to a worker: its pool stays open after it
+        future = client.submit(omk_llm._dask_chunk, ["pids"] * 2, "left-open", make, 2, None, pure=False)
+        pids = [agent_pids(r.content)[1] for r in future.result(60)]
+        assert [pid for pid in pids if pid_alive(pid)] == pids
+    finally:
+        client.close()
+        cluster.close()
+    end = time.monotonic() + 10
+    while [pid for pid in pids if pid_alive(pid)] and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if pid_alive(pid)]
+
+
 # ======================================================================================
 # Command line
 # ======================================================================================

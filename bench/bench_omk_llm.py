@@ -10,7 +10,8 @@ Kimi CLI (if peers/kimi_echo.py installed it); what a fresh context per prompt c
 the real Kimi CLI over wire and ACP, and whether it stays flat over many prompts (time,
 the agent's memory and its share directory on disk); import time against the standard-library
 modules it uses; count_tokens against tiktoken's own encode; peak memory while streaming
-a large answer; and what with_retry adds beyond its sleeps.
+a large answer; what with_retry adds beyond its sleeps; and how a pool of agents scales
+with its jobs (prompts a second against jobs = 1, 2, 4, 8).
 """
 
 from __future__ import annotations
@@ -500,6 +501,89 @@ def retry_overhead(retries: int) -> None:
     )
 
 
+# -- many prompts: the pool's scaling ------------------------------------------------
+
+
+def _descendants_cpu(pid: int) -> float:
+    """CPU seconds (user and system) of every live descendant of ``pid``."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                fields = Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick + _descendants_cpu(int(child))
+    return total
+
+
+def _single_client_cpu(factory: omk_llm.ClientFactory, prompt: str, prompts: int) -> float:
+    """Client CPU per prompt of one plain client (no pool), the reference for the pool's."""
+    client = factory()
+    client.complete(prompt, budget())
+    cpu = time.process_time()
+    for _ in range(prompts):
+        client.complete(prompt, budget())
+    cpu = time.process_time() - cpu
+    client.close()
+    return cpu / prompts
+
+
+def _pool_run(
+    factory: omk_llm.ClientFactory, jobs: int, prompt: str, prompts: int
+) -> Tuple[float, float, float]:
+    """Prompts per second, client CPU per prompt, and the agents' CPU per prompt, with every
+    agent started before the clock starts."""
+    with omk_llm.AgentPool(factory, jobs=jobs) as pool:
+        list(pool.map(["sleep: 0.3\ntext: warm" if "sleep" in prompt else prompt] * jobs))  # start them all
+        agents, cpu, wall = _descendants_cpu(os.getpid()), time.process_time(), time.perf_counter()
+        answers = list(pool.map([prompt] * prompts))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        agents = _descendants_cpu(os.getpid()) - agents
+    assert len(answers) == prompts
+    return prompts / wall, cpu / prompts, agents / prompts
+
+
+def scaling(prompts_per_job: int, runs: int) -> None:
+    """Prompts a second against jobs = 1, 2, 4, 8: a scripted peer whose turn takes 50 ms,
+    and the real Kimi CLI (echo provider); medians of ``runs`` alternating runs."""
+    peers: List[Tuple[str, omk_llm.ClientFactory, str]] = []
+    config = omk_llm.LlmClientConfig(model="kimi-k2", timeout=600, max_tokens=10**7)
+    peers.append(("fake peer, 50 ms turn", omk_llm.ClientFactory((sys.executable, FAKE_PEER), config=config),
+                  "sleep: 0.05\ntext: ok"))
+    kimi_echo = installed_kimi("pool scaling, real Kimi CLI")
+    home = tempfile.TemporaryDirectory()
+    if kimi_echo is not None:
+        argv, env = kimi_echo.peer_command("wire", Path(home.name))
+        peers.append(("real Kimi CLI, echo", omk_llm.ClientFactory(tuple(argv), env=env, config=config,
+                                                                   startup_timeout=120), "text: ok"))
+    for name, factory, prompt in peers:
+        single = _single_client_cpu(factory, prompt, prompts_per_job * 2)
+        figures: Dict[int, List[Tuple[float, float, float]]] = {jobs: [] for jobs in (1, 2, 4, 8)}
+        for _ in range(runs):
+            for jobs in figures:
+                figures[jobs].append(_pool_run(factory, jobs, prompt, prompts_per_job * jobs))
+        base = statistics.median(rate for rate, _, _ in figures[1])
+        for jobs, measured in figures.items():
+            rate = statistics.median(r for r, _, _ in measured)
+            cpu = statistics.median(c for _, c, _ in measured)
+            agents = statistics.median(a for _, _, a in measured)
+            row(
+                f"{name}: jobs={jobs}",
+                f"{rate:,.1f} prompt/s",
+                f"x{rate / base:.2f} of 1",
+                f"{cpu / single:.2f}x cpu",
+                f"speed-up >= {0.9 * jobs:.1f}; client cpu/prompt {cpu * 1e3:.2f} ms "
+                f"(single client {single * 1e3:.2f} ms) <= 1.1x; agents {agents * 1e3:.1f} ms cpu/prompt",
+            )
+    home.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -517,6 +601,7 @@ def main() -> None:
     token_counting(0.1 if quick else 1.0, 1 if quick else 7)
     memory(5 if quick else 50)
     retry_overhead(100 if quick else 2000)
+    scaling(2 if quick else 25, 1 if quick else 3)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     status: S        end with that status (wire) or stopReason (ACP)
     grandchild       start a long sleep in the background and say its pid
     pid              say the peer's own process id
+    pids             say " pid=P ppid=Q": its own and its parent's process ids
     nothing          end without a single update (ACP: a hidden provider error)
     forget           (ACP) lose the session, as an agent restarted behind a proxy would
     history          say (as JSON) the earlier prompts this context holds, as the model got them
@@ -369,6 +370,8 @@ class Peer:
                 emit(self.text_event(str(child.pid)))
             elif command == "pid":
                 emit(self.text_event(str(os.getpid())))
+            elif command == "pids":
+                emit(self.text_event(f" pid={os.getpid()} ppid={os.getppid()}"))
             elif command == "nothing":
                 return "finished"
             elif command == "forget":
