@@ -1489,6 +1489,9 @@ class _JsonRpcStdio:
         timeout = self.time_left(self.startup_timeout, "the agent could start")
         child = _ChildProcess(self.argv, cwd=self.cwd, env=self.env, max_line_bytes=self.max_line_bytes)
         self._child = child
+        if self._closed:  # close() from another thread (a pool's abort) while it started
+            self.reset()
+            raise LlmError(f"this {type(self).__name__} was closed while its agent started")
         try:
             self.peer_info = self._handshake(child, timeout)
         except LlmTimeoutError as err:
@@ -3293,16 +3296,18 @@ class AgentPool:
 
     def _work(self, number: int) -> None:
         client: Optional[LlmClient] = None
+        with self._lock:
+            self._idle += 1
         try:
             while True:
-                with self._lock:
-                    self._idle += 1
                 work = self._queue.get()
                 with self._lock:
                     self._idle -= 1
                 if work is None:
                     return
                 if not work.future.set_running_or_notify_cancel():
+                    with self._lock:
+                        self._idle += 1
                     continue
                 try:
                     if client is None:
@@ -3341,6 +3346,7 @@ class AgentPool:
         err: Optional[Exception],
     ) -> None:
         with self._lock:
+            self._idle += 1  # before the future is set: a submit() it wakes finds this job idle
             self._done += 1
             self._failed += err is not None
             self._tokens += response.total_tokens if response is not None else 0

@@ -25,6 +25,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -1147,6 +1148,35 @@ def test_a_long_line_read_while_a_write_waits_is_a_parse_error(protocol: str) ->
             chat.complete("text: two" + HUGE, budget())
         assert type(caught.value) is ParseError  # the public class, not a private one
         assert chat.complete("text: three", budget()).content == "three"
+
+
+class _ClosingEnvironment(Mapping):  # type: ignore[type-arg]
+    """An environment that closes ``transport`` while the child is being spawned (Popen
+    copies the environment first): a close() from another thread at the worst moment."""
+
+    def __init__(self) -> None:
+        self.transport: Optional[StdioWire] = None
+
+    def __getitem__(self, key: str) -> str:
+        return os.environ[key]
+
+    def __len__(self) -> int:
+        return len(os.environ)
+
+    def __iter__(self) -> Iterator[str]:
+        if self.transport is not None:
+            self.transport, transport = None, self.transport
+            transport.close()
+        return iter(os.environ)
+
+
+def test_a_transport_closed_while_its_agent_spawns_keeps_no_agent() -> None:
+    env = _ClosingEnvironment()
+    wire = StdioWire([sys.executable, FAKE_PEER], env=env, startup_timeout=10)
+    env.transport = wire
+    with pytest.raises(LlmError, match="closed while its agent started"):
+        wire.start()
+    assert wire.pid is None
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
@@ -2734,6 +2764,14 @@ def test_pool_makes_a_client_only_for_a_job_that_gets_work() -> None:
     assert all(client.closed for client in make.made)
 
 
+def test_pool_used_one_prompt_at_a_time_starts_one_agent() -> None:
+    make = echo_clients()
+    with AgentPool(make, jobs=4) as pool:
+        for i in range(30):
+            assert pool.submit(str(i)).result(5).content == str(i)
+    assert len(make.made) == 1
+
+
 def test_pool_with_return_exceptions_puts_each_error_in_its_place() -> None:
     with AgentPool(echo_clients(), jobs=2) as pool:
         results = list(pool.map(["a", "fail here", "c"], return_exceptions=True))
@@ -3223,6 +3261,25 @@ def test_the_readme_script_runs_against_the_offline_kimi() -> None:
     )
     assert (done.returncode, done.stdout) == (0, "Hello over wire\nHello over ACP\n"), done.stderr
     assert done.stderr == ""  # no warning either
+
+
+@pytest.mark.real_peer
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+def test_the_readme_dask_example_runs_on_a_local_cluster(tmp_path: Path) -> None:
+    if kimi_echo.release() != kimi_echo.PINNED or kimi_echo.PEER_DIR != ROOT / ".peer":
+        pytest.skip("the README's script names the pinned release in .peer/")
+    if not kimi_echo.venv_python().exists() and not os.environ.get("CI"):
+        pytest.skip("the real Kimi CLI is not installed: run python3 peers/kimi_echo.py --setup")
+    if not os.environ.get("CI"):
+        pytest.importorskip("distributed")
+    kimi_echo.peer_command("wire")  # what --setup writes into .peer/home
+    script = tmp_path / "many_prompts.py"
+    script.write_text(readme_block("test_the_readme_dask_example_runs_on_a_local_cluster"))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=170, cwd=ROOT
+    )
+    assert (done.returncode, done.stdout) == (0, "".join(f"ticket {i} read\n" for i in range(6))), done.stderr
 
 
 def test_cli_refuses_a_prompt_that_is_not_valid_unicode() -> None:
