@@ -81,7 +81,7 @@ from typing import (
     overload,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "AcpLlmClient",

@@ -563,11 +563,13 @@ def scaling(prompts_per_job: int, runs: int) -> None:
         peers.append(("real Kimi CLI, echo", omk_llm.ClientFactory(tuple(argv), env=env, config=config,
                                                                    startup_timeout=120), "text: ok"))
     for name, factory, prompt in peers:
-        single = _single_client_cpu(factory, prompt, prompts_per_job * 2)
+        singles: List[float] = []
         figures: Dict[int, List[Tuple[float, float, float]]] = {jobs: [] for jobs in (1, 2, 4, 8)}
-        for _ in range(runs):
+        for _ in range(runs):  # the single client alternates with the pools, each on new agents
+            singles.append(_single_client_cpu(factory, prompt, prompts_per_job * 2))
             for jobs in figures:
                 figures[jobs].append(_pool_run(factory, jobs, prompt, prompts_per_job * jobs))
+        single = statistics.median(singles)
         base = statistics.median(rate for rate, _, _ in figures[1])
         for jobs, measured in figures.items():
             rate = statistics.median(r for r, _, _ in measured)
