@@ -3350,11 +3350,12 @@ class AgentPool:
             self._done += 1
             self._failed += err is not None
             self._tokens += response.total_tokens if response is not None else 0
-            progress = self._progress() if self._on_progress is not None else None
-        if self._on_progress is not None:
+            progress = self._progress()
+        callback = self._on_progress
+        if callback is not None:
             try:
                 with self._progress_lock:
-                    self._on_progress(progress)  # type: ignore[arg-type]
+                    callback(progress)
             except Exception:
                 logger.exception("the pool's on_progress callback raised; the pool goes on")
         # after the progress call, so that a caller who sees every future done has seen it
@@ -3394,8 +3395,6 @@ def _dask_chunk(
     with _worker_pools_lock:
         pool = _worker_pools.get(token)
         if pool is None:
-            if not _worker_pools:
-                atexit.register(_close_worker_pools)
             pool = _worker_pools[token] = AgentPool(make_client, jobs)
     return list(pool.map(prompts, system=system, return_exceptions=True))
 
@@ -3408,6 +3407,9 @@ def _close_worker_pools(token: Optional[str] = None) -> int:
     for pool in pools:
         pool.shutdown(wait=True)
     return len(pools)
+
+
+atexit.register(_close_worker_pools)  # a worker that exits normally ends its pools' agents
 
 
 def dask_map(
@@ -3743,12 +3745,10 @@ def _run_batch(
     items = _batch_items(data, jsonl, args.system)
     unreadable = sum(item.error is not None for item in items)
     on_terminal = bool(getattr(stderr, "isatty", lambda: False)())
-    shown = [PoolProgress(0, 0, len(items) - unreadable, 0)]
-    show_lock = threading.Lock()
+    show_lock = threading.Lock()  # a progress line and an answer's line never interleave
 
     def show(progress: PoolProgress) -> None:
         with show_lock:
-            shown[0] = progress
             if on_terminal:
                 stderr.write(
                     f"\romk_llm: {progress.done + unreadable}/{len(items)} done, "
@@ -3758,11 +3758,11 @@ def _run_batch(
 
     budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
     failed = 0
+    pool = AgentPool(factory, jobs=args.jobs, budget=budget, on_progress=show)
     try:
-        with AgentPool(factory, jobs=args.jobs, budget=budget, on_progress=show) as pool:
+        with pool:
             futures = [None if item.error else pool.submit(item.prompt, system=item.system) for item in items]
-            if on_terminal:
-                show(shown[0])
+            show(pool.progress)
             for index, (item, future) in enumerate(zip(items, futures)):
                 outcome: PoolResult
                 if future is None:
@@ -3784,7 +3784,7 @@ def _run_batch(
             stderr.flush()
     print(
         f"omk_llm: {len(items)} prompt(s): {len(items) - failed} answered, {failed} failed, "
-        f"{shown[0].tokens} tokens, {time.monotonic() - started:.1f} s",
+        f"{pool.progress.tokens} tokens, {time.monotonic() - started:.1f} s",
         file=stderr,
     )
     return EXIT_FAILURE if failed else EXIT_OK
