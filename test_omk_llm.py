@@ -2927,6 +2927,17 @@ def test_pool_over_the_real_kimi_gives_each_answer_in_order(protocol: str, tmp_p
     assert [getattr(r, "content", r) for r in results] == [f"answer {i}" for i in range(6)]
 
 
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_pool_over_a_third_party_acp_agent_gives_each_answer_in_order() -> None:
+    if not kimi_echo.venv_python().exists():
+        pytest.fail("the ACP SDK is not installed") if os.environ.get("CI") else pytest.skip("no ACP SDK")
+    make = ClientFactory(tuple(kimi_echo.acp_sdk_echo_agent()), acp=True, config=config(), startup_timeout=60)
+    prompts = [f"prompt {i}" for i in range(9)]
+    with AgentPool(make, jobs=3) as pool:
+        assert [r.content for r in pool.map(prompts)] == prompts
+
 # ---- a Dask cluster -------------------------------------------------------------------
 
 
