@@ -3148,7 +3148,11 @@ class AgentPool:
                 raise RuntimeError("this AgentPool is shut down; make a new one")
             self._submitted += 1
             self._queue.put(_PoolWork(future, prompt, system))
-            if self._idle == 0 and len(self._workers) < self.jobs:
+            # An idle job takes this prompt (and is no longer counted idle); else a new
+            # job, up to ``jobs``, started for it.
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._workers) < self.jobs:
                 number = len(self._workers)
                 # a daemon: an interpreter that exits does not wait for a stuck turn
                 worker = threading.Thread(target=self._work, args=(number,), name=f"omk_llm-pool-{number}")
@@ -3296,13 +3300,9 @@ class AgentPool:
 
     def _work(self, number: int) -> None:
         client: Optional[LlmClient] = None
-        with self._lock:
-            self._idle += 1
         try:
-            while True:
+            while True:  # started for a prompt: idle only once it is done
                 work = self._queue.get()
-                with self._lock:
-                    self._idle -= 1
                 if work is None:
                     return
                 if not work.future.set_running_or_notify_cancel():

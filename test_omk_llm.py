@@ -2764,6 +2764,14 @@ def test_pool_makes_a_client_only_for_a_job_that_gets_work() -> None:
     assert all(client.closed for client in make.made)
 
 
+def test_pool_given_more_prompts_than_jobs_starts_every_job_at_once() -> None:
+    for _ in range(20):  # a job that went idle before the next submit once kept others from starting
+        make = echo_clients()
+        with AgentPool(make, jobs=3) as pool:
+            list(pool.map(["sleep 0.02:x"] * 6))
+        assert len(make.made) == 3
+
+
 def test_pool_used_one_prompt_at_a_time_starts_one_agent() -> None:
     make = echo_clients()
     with AgentPool(make, jobs=4) as pool:
