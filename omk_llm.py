@@ -3198,7 +3198,7 @@ class AgentPool:
         if not return_exceptions:
 
             def stop_the_rest(done: concurrent.futures.Future[LlmResponse]) -> None:
-                if not done.cancelled() and done.exception() is not None:
+                if _failed(done):
                     for future in futures:
                         future.cancel()
 
@@ -3708,8 +3708,11 @@ def _batch_item(number: int, raw: bytes, jsonl: bool, system: Optional[str]) -> 
     return _BatchItem(number, value["prompt"], own_system if own_system is not None else system)
 
 
-def _batch_result(index: int, item: _BatchItem, outcome: PoolResult, model: Optional[str]) -> Dict[str, Any]:
-    """The JSON object of one prompt's outcome, as the batch prints it."""
+def _batch_result(
+    index: int, item: _BatchItem, outcome: PoolResult, model: Optional[str], estimator: CostEstimator
+) -> Dict[str, Any]:
+    """The JSON object of one prompt's outcome, as the batch prints it (a price only with
+    ``model``, the one --model named)."""
     result: Dict[str, Any] = {"index": index, "line": item.line}
     if isinstance(outcome, LlmResponse):
         usage: Dict[str, Any] = {
@@ -3719,9 +3722,7 @@ def _batch_result(index: int, item: _BatchItem, outcome: PoolResult, model: Opti
             "reported": outcome.usage_reported,
         }
         if model:
-            usage["estimated_usd"] = CostEstimator().estimate(
-                outcome.prompt_tokens, outcome.completion_tokens, model
-            )
+            usage["estimated_usd"] = outcome.to_usage(estimator).estimated_usd
         result.update(content=outcome.content, usage=usage, finish_reason=outcome.finish_reason)
         if outcome.thinking:
             result["thinking"] = outcome.thinking
@@ -3736,7 +3737,13 @@ def _batch_result(index: int, item: _BatchItem, outcome: PoolResult, model: Opti
 
 
 def _run_batch(
-    args: argparse.Namespace, factory: ClientFactory, data: bytes, stdout: Any, stderr: Any, started: float
+    args: argparse.Namespace,
+    factory: ClientFactory,
+    budget: TokenBudget,
+    data: bytes,
+    stdout: Any,
+    stderr: Any,
+    started: float,
 ) -> int:
     """Batch mode: every prompt of ``data`` over ``--jobs`` agents, one JSON line each, in
     input order as each is ready; a progress line on a terminal; 1 if any failed."""
@@ -3756,7 +3763,7 @@ def _run_batch(
                 )
                 stderr.flush()
 
-    budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
+    estimator = CostEstimator()
     failed = 0
     pool = AgentPool(factory, jobs=args.jobs, budget=budget, on_progress=show)
     try:
@@ -3772,7 +3779,8 @@ def _run_batch(
                     error = future.exception()
                     outcome = future.result() if error is None else cast(Exception, error)
                 failed += not isinstance(outcome, LlmResponse)
-                line = json.dumps(_batch_result(index, item, outcome, args.model), ensure_ascii=False)
+                result = _batch_result(index, item, outcome, args.model, estimator)
+                line = json.dumps(result, ensure_ascii=False)
                 with show_lock:
                     if on_terminal:
                         stderr.write("\r\033[K")  # the progress line is redrawn by the next update
@@ -3859,28 +3867,25 @@ def main(
             timeout=args.timeout,  # each attempt also ends by the deadline of the whole
             retry_policy=RetryPolicy(max_retries=args.retries),
         )
+        factory = ClientFactory(
+            tuple(agent_argv),
+            acp=args.acp,
+            cwd=args.cwd,
+            config=config,
+            approval=args.approval,
+            startup_timeout=startup_timeout,
+        )
+        budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
         if args.batch is not None:  # each prompt's retries end by --timeout
             per_prompt = RetryPolicy(max_retries=args.retries, deadline=args.timeout)
-            factory = ClientFactory(
-                tuple(agent_argv),
-                acp=args.acp,
-                cwd=args.cwd,
-                config=dataclasses.replace(config, retry_policy=per_prompt),
-                approval=args.approval,
-                startup_timeout=startup_timeout,
-            )
-            code = _run_batch(args, factory, batch, stdout, stderr, started)
+            config = dataclasses.replace(config, retry_policy=per_prompt)
+            factory = dataclasses.replace(factory, config=config)
+            code = _run_batch(args, factory, budget, batch, stdout, stderr, started)
             return code
         if args.system is not None:
             prompt = system_prompt(args.system, prompt)
-        transport: _JsonRpcStdio
-        if args.acp:
-            transport = acp = AcpStdio(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
-            client = AcpLlmClient(acp, config, approval=args.approval)
-        else:
-            transport = wire = StdioWire(agent_argv, cwd=args.cwd, startup_timeout=startup_timeout)
-            client = WireLlmClient(wire, config, approval=args.approval)
-        budget = TokenBudget(args.budget if args.budget is not None else sys.maxsize)
+        client = factory()
+        transport = cast(_JsonRpcStdio, client.transport)
         client._admit(prompt, budget)  # a prompt refused starts no agent (complete() checks again)
         on_terminal = bool(getattr(stderr, "isatty", lambda: False)())
         if on_terminal:

@@ -2312,6 +2312,16 @@ def tool_call(command: str) -> str:
     return "tool_call: " + json.dumps({"id": "tc-1", "name": "Shell", "arguments": arguments})
 
 
+def require_peer(what: str = "the real Kimi CLI") -> None:
+    """Skip the test when peers/kimi_echo.py has not installed ``what``; under CI=true,
+    where it must be there, fail it instead."""
+    if not kimi_echo.venv_python().exists():
+        message = f"{what} is not installed: run python3 peers/kimi_echo.py --setup"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def one_process(protocol: str) -> bool:
     """Whether the installed release serves fresh prompts in one agent process: over wire
     only a release with /clear there does (older ones are restarted for each)."""
@@ -2321,11 +2331,7 @@ def one_process(protocol: str) -> bool:
 @pytest.fixture
 def real_peer(protocol: str, tmp_path: Path) -> Callable[..., Any]:
     """Makes clients of ``protocol`` over the real Kimi CLI, in a scratch home."""
-    if not kimi_echo.venv_python().exists():
-        message = "the real Kimi CLI is not installed: run python3 peers/kimi_echo.py --setup"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_peer()
     clients: List[Any] = []
 
     def make(scripts: Optional[List[str]] = None, **kwargs: Any) -> Any:
@@ -2345,9 +2351,8 @@ def real_peer(protocol: str, tmp_path: Path) -> Callable[..., Any]:
 
 @pytest.mark.real_peer
 def test_the_deprecated_kimi_script_is_a_start_error_that_says_what_to_run() -> None:
+    require_peer()
     script = kimi_echo.venv_python().parent / "kimi"
-    if not script.exists():
-        pytest.fail("the real Kimi CLI is not installed") if os.environ.get("CI") else pytest.skip("no kimi")
     # With --wire it only prints its notice and exits (never run it bare: it would try to
     # download an installer).
     with StdioWire([str(script), "--wire"]) as wire, pytest.raises(PeerStartError) as caught:
@@ -2364,8 +2369,7 @@ def test_the_deprecated_kimi_script_is_a_start_error_that_says_what_to_run() -> 
 def test_real_peer_of_the_other_protocol_is_named_at_once(
     transport: Any, speaks: str, hint: str, tmp_path: Path
 ) -> None:
-    if not kimi_echo.venv_python().exists():
-        pytest.fail("the real Kimi CLI is not installed") if os.environ.get("CI") else pytest.skip("no kimi")
+    require_peer()
     if kimi_echo.release() != kimi_echo.PINNED:
         pytest.skip("older releases drop a request they cannot read without a word")
     argv, env = kimi_echo.peer_command(speaks, tmp_path)
@@ -2625,11 +2629,7 @@ def test_real_peer_close_leaves_no_process_behind(protocol: str, real_peer: Call
 @pytest.fixture
 def sdk_agent() -> Iterator[AcpLlmClient]:
     """A client of the Python ACP SDK's own example echo agent: a third-party ACP agent."""
-    if not kimi_echo.venv_python().exists():
-        message = "the ACP SDK (installed with the real Kimi CLI) is missing: run peers/kimi_echo.py --setup"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_peer("the ACP SDK (installed with the real Kimi CLI)")
     client = AcpLlmClient(AcpStdio(kimi_echo.acp_sdk_echo_agent(), startup_timeout=60), config())
     yield client
     client.close()
@@ -2924,8 +2924,7 @@ def test_pool_ctrl_c_ends_every_agent_even_a_deaf_one() -> None:
 @pytest.mark.real_peer
 @pytest.mark.timeout(180)
 def test_pool_over_the_real_kimi_gives_each_answer_in_order(protocol: str, tmp_path: Path) -> None:
-    if not kimi_echo.venv_python().exists():
-        pytest.fail("the real Kimi CLI is not installed") if os.environ.get("CI") else pytest.skip("no kimi")
+    require_peer()
     argv, env = kimi_echo.peer_command(protocol, tmp_path / "home")
     make = ClientFactory(
         tuple(argv), acp=protocol == "acp", env=env, config=config(timeout=60), startup_timeout=60
@@ -2939,8 +2938,7 @@ def test_pool_over_the_real_kimi_gives_each_answer_in_order(protocol: str, tmp_p
 @pytest.mark.real_peer
 @pytest.mark.timeout(120)
 def test_pool_over_a_third_party_acp_agent_gives_each_answer_in_order() -> None:
-    if not kimi_echo.venv_python().exists():
-        pytest.fail("the ACP SDK is not installed") if os.environ.get("CI") else pytest.skip("no ACP SDK")
+    require_peer("the ACP SDK (installed with the real Kimi CLI)")
     make = ClientFactory(tuple(kimi_echo.acp_sdk_echo_agent()), acp=True, config=config(), startup_timeout=60)
     prompts = [f"prompt {i}" for i in range(9)]
     with AgentPool(make, jobs=3) as pool:
@@ -3466,8 +3464,7 @@ def test_cli_batch_interrupted_exits_130_keeps_what_was_printed_and_ends_every_a
 @pytest.mark.real_peer
 @pytest.mark.timeout(180)
 def test_cli_batch_over_the_real_kimi(tmp_path: Path) -> None:
-    if not kimi_echo.venv_python().exists():
-        pytest.fail("the real Kimi CLI is not installed") if os.environ.get("CI") else pytest.skip("no kimi")
+    require_peer()
     argv, env = kimi_echo.peer_command("wire", tmp_path / "home")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"text: answer {i}\n" for i in range(4)))
