@@ -51,7 +51,7 @@ import os
 import queue
 import random
 import re
-import selectors
+import select
 import shlex
 import signal
 import subprocess
@@ -1000,9 +1000,7 @@ def _ask_to_exit(proc: subprocess.Popen[bytes], grace: float) -> None:
                 pass
 
 
-def _end_child(
-    proc: subprocess.Popen[bytes], selector: selectors.BaseSelector, wake_fds: Tuple[int, int]
-) -> None:
+def _end_child(proc: subprocess.Popen[bytes], wake_fds: Tuple[int, int]) -> None:
     """SIGKILL the child's whole process group, reap it, close every descriptor. Run once,
     by ``close()`` or, for a caller who forgot it, at garbage collection or exit."""
     # Grandchildren may outlive a leader that exited on its own; the group id stays the
@@ -1012,7 +1010,6 @@ def _end_child(
     proc.wait()
     _close_quietly(proc.stdout)
     _close_quietly(proc.stderr)
-    selector.close()
     for fd in wake_fds:
         os.close(fd)
 
@@ -1048,7 +1045,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 class _ChildProcess:
-    """A child speaking JSON lines on stdin/stdout, read by one ``selectors`` loop over the
+    """A child speaking JSON lines on stdin/stdout, read by one ``select.poll`` loop over the
     raw pipes. stderr is drained in the same loop (a full pipe would stall the child) and
     its last lines are kept for error messages. One caller at a time reads and writes;
     ``wake()`` and ``close()`` may come from any thread (close waits for the reader to let
@@ -1097,10 +1094,11 @@ class _ChildProcess:
         self._wake_lock = threading.Lock()
         self._io_lock = threading.RLock()  # held while reading or writing; close() takes it
         self.woken = False
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._stdout, selectors.EVENT_READ)
-        self._selector.register(self._stderr, selectors.EVENT_READ)
-        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        # select.poll, not selectors: it holds no descriptor, and its one call a wake-up
+        # is most of what reading a line costs
+        self._poller = select.poll()
+        for fd in (self._stdout, self._stderr, self._wake_read):
+            self._poller.register(fd, select.POLLIN)
         self.lines: Deque[bytes] = collections.deque()  # complete lines not yet handed on
         self._partial = bytearray()
         self._outbox = bytearray()
@@ -1110,7 +1108,7 @@ class _ChildProcess:
         self._eof = False
         self.closed = False
         self._finalizer = weakref.finalize(
-            self, _end_child, self._proc, self._selector, (self._wake_read, self._wake_write)
+            self, _end_child, self._proc, (self._wake_read, self._wake_write)
         )
 
     @property
@@ -1169,7 +1167,7 @@ class _ChildProcess:
                 pass
 
     def _pump(self, timeout: float) -> None:
-        events = self._selector.select(timeout)
+        events = self._poller.poll(math.ceil(timeout * 1000))  # milliseconds, never early
         if not events:
             if self._proc.poll() is not None:
                 # The leader exited; a grandchild may still hold the pipe open, so EOF
@@ -1177,19 +1175,19 @@ class _ChildProcess:
                 self._drain_quietly()
                 self._end_of_output()
             return
-        for key, mask in events:
-            if key.fd == self._wake_read:
+        for fd, _ in events:  # readable, or hung up or failed: the read or write says which
+            if fd == self._wake_read:
                 try:
                     os.read(self._wake_read, _READ_SIZE)
                 except OSError:
                     pass
                 self.woken = True
-            elif mask & selectors.EVENT_WRITE:
+            elif fd == self._stdin:
                 self._flush_outbox()
-            elif mask & selectors.EVENT_READ:
-                chunk = self._read(key.fd)
+            else:
+                chunk = self._read(fd)
                 if chunk is not None:
-                    self._take(key.fd, chunk)
+                    self._take(fd, chunk)
 
     def _take(self, fd: int, chunk: bytes) -> None:
         """What one read of stdout or stderr gave; empty means that pipe is closed."""
@@ -1231,8 +1229,8 @@ class _ChildProcess:
 
     def _unregister(self, fd: int) -> None:
         try:
-            self._selector.unregister(fd)
-        except (KeyError, ValueError):
+            self._poller.unregister(fd)
+        except KeyError:
             pass
 
     def _feed(self, chunk: bytes) -> None:
@@ -1313,10 +1311,10 @@ class _ChildProcess:
                 raise self.ended_error() from err
             del self._outbox[:written]
         if self._outbox and not self._waiting_to_write:
-            self._selector.register(self._stdin, selectors.EVENT_WRITE)
+            self._poller.register(self._stdin, select.POLLOUT)
             self._waiting_to_write = True
         elif not self._outbox and self._waiting_to_write:
-            self._selector.unregister(self._stdin)
+            self._poller.unregister(self._stdin)
             self._waiting_to_write = False
 
     # -- the end --
@@ -1350,11 +1348,11 @@ class _ChildProcess:
 
 
 def _require_posix(what: str, os_name: str = os.name) -> None:
-    """The transports need POSIX: pipes under ``selectors`` and process groups."""
+    """The transports need POSIX: pipes under ``select.poll`` and process groups."""
     if os_name != "posix":
         raise LlmError(
             f"{what} needs a POSIX system (Linux, macOS, WSL): it reads the agent's pipes with "
-            "selectors and ends its process group. On Windows, run under WSL; the rest of "
+            "select.poll and ends its process group. On Windows, run under WSL; the rest of "
             "omk_llm (MockLlmClient, with_retry, TokenBudget, CostEstimator) works everywhere."
         )
 

@@ -327,7 +327,7 @@ print(elapsed, 'tiktoken' in sys.modules)
 """
 STDLIB_USED = (
     "argparse, collections, dataclasses, errno, itertools, json, logging, math, os, random, re, "
-    "selectors, shlex, signal, subprocess, threading, time, typing, weakref"
+    "select, shlex, signal, subprocess, threading, time, typing, weakref"
 )
 
 
