@@ -81,7 +81,7 @@ from typing import (
     overload,
 )
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "AcpLlmClient",
@@ -119,11 +119,13 @@ __all__ = [
     "WireLlmClient",
     "WireMessage",
     "WireProtocolError",
+    "approximate_token_count",
     "dask_map",
     "is_agent_command",
     "is_retryable",
     "main",
     "system_prompt",
+    "utf8_length",
     "with_retry",
 ]
 
@@ -980,6 +982,12 @@ def _encodable(text: str) -> str:
 MAX_LINE_BYTES = 100 * 1024 * 1024  # the Kimi peer accepts lines this long
 _READ_SIZE = 1 << 16
 _POLL_SLICE = 0.25  # how often a quiet wait checks whether the child is still alive
+# When lines stream in one by one, each under _STREAM_GAP after the reader asked, for
+# _STREAM_LINES reads in a row, the reader waits _STREAM_GAP before each next read, which
+# then takes many: a wake-up for every line was most of what reading a long answer cost.
+# The stream ends (and the waits with it) at the first read that had to wait for its line.
+_STREAM_GAP = 0.0005
+_STREAM_LINES = 16
 _STDERR_KEEP_LINES = 40
 _STDERR_LINE_CHARS = 500
 _LEGACY_SETTLE = 1.0  # after the legacy probe's answer, how long initialize's may still take
@@ -1106,6 +1114,8 @@ class _ChildProcess:
         self._stderr_partial = bytearray()
         self._stderr_tail: Deque[str] = collections.deque(maxlen=_STDERR_KEEP_LINES)
         self._eof = False
+        self._stream_lines = 0  # reads in a row that each found one line waiting, or nearly
+        self.output_reads = 0  # reads that gave output: what a stream's lines cost in wake-ups
         self.closed = False
         self._finalizer = weakref.finalize(
             self, _end_child, self._proc, (self._wake_read, self._wake_write)
@@ -1134,20 +1144,31 @@ class _ChildProcess:
         ``wake()`` was called; a deadline already past still takes what the pipe holds.
         Raises TransientNetworkError once the child has ended and every line is read."""
         with self._io_lock:
+            lines = self.lines
             polled = False
-            while not self.lines:
-                self._check_open()
+            while not lines:
+                if self.closed:
+                    self._check_open()
                 if self._eof:
                     raise self.ended_error()
                 if self.woken:
                     self.woken = False
                     return None
-                remaining = deadline - time.monotonic()
+                started = time.monotonic()
+                remaining = deadline - started
                 if remaining <= 0 and polled:
                     return None
+                gathered = self._stream_lines >= _STREAM_LINES and remaining > _STREAM_GAP
+                if gathered:
+                    time.sleep(_STREAM_GAP)  # in a stream: let its lines gather
                 self._pump(min(max(remaining, 0.0), _POLL_SLICE))
                 polled = True
-            return self.lines.popleft()
+                waited = time.monotonic() - started - (_STREAM_GAP if gathered else 0.0)
+                if not lines or waited >= _STREAM_GAP:
+                    self._stream_lines = 0  # nothing came, or not at once: no stream
+                elif len(lines) == 1:
+                    self._stream_lines += 1
+            return lines.popleft()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -1168,6 +1189,16 @@ class _ChildProcess:
 
     def _pump(self, timeout: float) -> None:
         events = self._poller.poll(math.ceil(timeout * 1000))  # milliseconds, never early
+        if len(events) == 1 and events[0][0] == self._stdout:  # the common case, in short
+            try:
+                chunk = os.read(self._stdout, _READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            if chunk:
+                self._feed(chunk)
+            else:
+                self._take(self._stdout, chunk)
+            return
         if not events:
             if self._proc.poll() is not None:
                 # The leader exited; a grandchild may still hold the pipe open, so EOF
@@ -1185,9 +1216,9 @@ class _ChildProcess:
             elif fd == self._stdin:
                 self._flush_outbox()
             else:
-                chunk = self._read(fd)
-                if chunk is not None:
-                    self._take(fd, chunk)
+                read = self._read(fd)
+                if read is not None:
+                    self._take(fd, read)
 
     def _take(self, fd: int, chunk: bytes) -> None:
         """What one read of stdout or stderr gave; empty means that pipe is closed."""
@@ -1234,6 +1265,7 @@ class _ChildProcess:
             pass
 
     def _feed(self, chunk: bytes) -> None:
+        self.output_reads += 1
         if b"\n" not in chunk:
             # Inside a long line: only gather. (Splitting and re-joining here copied the
             # whole partial line for every read, quadratic in the line's length.)
@@ -1391,6 +1423,7 @@ class Event:
     """A notification: a wire ``event`` (its ``type`` and ``payload``), or any other
     notification (its method and params)."""
 
+    __slots__ = ("payload", "type")  # one is built per line read: slots make that cheaper
     type: str
     payload: Any
 
@@ -1928,7 +1961,8 @@ class _Turn:
 
     def add_text(self, chunk: str) -> None:
         if chunk and not self.draining:
-            chunk = _encodable(chunk)
+            if not chunk.isascii():  # the common case skips the call
+                chunk = _encodable(chunk)
             self.text.append(chunk)
             if self.on_text is not None:
                 self.on_text(chunk)

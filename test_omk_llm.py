@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1201,6 +1201,41 @@ def test_many_open_close_cycles_leave_no_descriptors_or_processes(protocol: str)
             pids.append(pid)
     assert open_fds() == before
     assert not any(pid_alive(pid) for pid in pids)
+
+
+LINES_APART = (
+    "import sys, time\n"
+    "for i in range({lines}):\n"
+    "    sys.stdout.write(f'line {{i}}\\n'); sys.stdout.flush(); time.sleep({gap})\n"
+)
+
+
+def read_lines_apart(lines: int, gap: float) -> Tuple[List[bytes], int]:
+    """Every line of a child that writes ``lines`` lines ``gap`` seconds apart, and how
+    many reads took them."""
+    script = LINES_APART.format(lines=lines, gap=gap)
+    child = omk_llm._ChildProcess([sys.executable, "-c", script], cwd=None, env=None, max_line_bytes=1 << 20)
+    got: List[bytes] = []
+    try:
+        while len(got) < lines:
+            line = child.read_line(time.monotonic() + 10)
+            assert line is not None
+            got.append(line)
+        return got, child.output_reads
+    finally:
+        child.close()
+
+
+def test_a_stream_of_lines_is_read_in_batches_not_a_wake_up_a_line() -> None:
+    got, reads = read_lines_apart(2000, 0.00005)
+    assert got == [f"line {i}".encode() for i in range(2000)]
+    assert reads < 1000  # a read a line before 0.6.0
+
+
+def test_lines_that_come_slowly_are_each_read_at_once() -> None:
+    got, reads = read_lines_apart(40, 0.003)
+    assert got == [f"line {i}".encode() for i in range(40)]
+    assert reads >= 36  # no gathering: each line was read as it came
 
 
 def test_a_write_to_a_dead_child_is_a_transient_error_not_a_broken_pipe() -> None:

