@@ -114,9 +114,14 @@ sys.path.insert(0, sys.argv[1])
 import omk_llm
 argv, env, prompts, events = json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 config = omk_llm.LlmClientConfig(model="kimi-k2", timeout=600, max_tokens=10**7)
-client = omk_llm.WireLlmClient(omk_llm.StdioWire(argv, env=env, startup_timeout=60), config)
+if sys.argv[8] == "acp":
+    client = omk_llm.AcpLlmClient(omk_llm.AcpStdio(argv, env=env, startup_timeout=60), config)
+else:
+    client = omk_llm.WireLlmClient(omk_llm.StdioWire(argv, env=env, startup_timeout=60), config)
 client.transport.start()
 chat = client.conversation()  # history kept, as every other client here keeps it
+if sys.argv[8] == "acp":  # its session is opened with the agent, before the clock (Kimi's first takes ~0.9 s)
+    chat._context.session, chat._context.generation = client.transport.new_session(), client.transport.generation
 budget = omk_llm.TokenBudget(10**12)
 print(json.dumps(measure(lambda prompt: chat.complete(prompt, budget).content, prompts, events, sys.argv[6])))
 client.close()
@@ -251,13 +256,22 @@ def main() -> None:
         wrapper.write_text(WRAPPER.format(python=python, config=config_file))
         wrapper.chmod(0o755)
         agent = [str(wrapper), "--wire", "--work-dir", work_dir]
+        wrapper_acp = folder / "kimi-acp"
+        wrapper_acp.write_text(WRAPPER.format(python=python, config=config_file).replace(
+            f'--config-file {config_file} "$@"', "acp"))
+        wrapper_acp.chmod(0o755)
+        agent_acp = [str(wrapper_acp)]
         pidfile = folder / "agent.pid"
         env = {**os.environ, **env, "BENCH_PIDFILE": str(pidfile)}
         common = [json.dumps(agent), json.dumps(env), str(prompts), str(events), USAGE]
         probes: Dict[str, List[str]] = {
             "bare Python": [str(python), "-c", BARE, str(ROOT / "bench"), *common],
-            "omk_llm, tiktoken": [str(python), "-c", OMK_LLM, str(ROOT), *common, "tiktoken"],
-            "omk_llm, no tiktoken": [str(python), "-c", OMK_LLM, str(ROOT), *common, "no-tiktoken"],
+            "omk_llm, tiktoken": [str(python), "-c", OMK_LLM, str(ROOT), *common, "tiktoken", "wire"],
+            "omk_llm, no tiktoken": [str(python), "-c", OMK_LLM, str(ROOT), *common, "no-tiktoken", "wire"],
+            # ACP carries no usage here: every prompt and answer is counted, the vocabulary
+            # loaded while the agent starts
+            "omk_llm over ACP, tiktoken": [str(python), "-c", OMK_LLM, str(ROOT), json.dumps(agent_acp),
+                                           *common[1:], "tiktoken", "acp"],
         }
         node = install_node_sdk(folder)
         if node is not None:
@@ -295,13 +309,15 @@ def report(results: Dict[str, List[Dict[str, float]]], runs: int, prompts: int, 
         ("first prompt, ms", "first_ms", 1),
         ("per prompt, ms", "prompt_ms", 2),
     ]
-    header = ["client"] + [title for title, _, _ in columns] + ["whole stack CPU/prompt, ms", "whole stack MiB"]
+    header = ["client"] + [title for title, _, _ in columns]
+    header += ["first ÷ per prompt", "whole stack CPU/prompt, ms", "whole stack MiB"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, rows in results.items():
         cells = [name]
         for _, key, digits in columns:
             cells.append(f"{spread([r[key] for r in rows], digits)} [{ratio(rows, key)}]")
+        cells.append(spread([r["first_ms"] / r["prompt_ms"] for r in rows], 2))
         stack_cpu = [whole(r, "cpu_prompt_ms", "agent_cpu_prompt_ms") for r in rows]
         stack_mem = [r["peak_mib"] + r["agent_peak_mib"] for r in rows]
         bare_cpu = statistics.median(whole(r, "cpu_prompt_ms", "agent_cpu_prompt_ms") for r in bare)
