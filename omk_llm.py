@@ -529,9 +529,9 @@ _APPROX_PATTERN = (
 _WORD_PART_PATTERN = r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+"
 _approx_patterns: Optional[Tuple[re.Pattern[str], re.Pattern[str]]] = None  # ~5 ms: compiled on first use
 
-# The encodings the approximation is measured against (tests/the property test, README):
-# cl100k_base's rules, and GPT-2's for r50k_base, gpt2 (the same vocabulary) and p50k_base,
-# p50k_edit (GPT-2's with 24 runs of spaces added last, so never more tokens).
+# The encodings the approximation has rules for, each held to its real counts by the
+# property test: cl100k_base's, and GPT-2's for r50k_base, gpt2 (the same vocabulary) and
+# p50k_base, p50k_edit (GPT-2's with 24 runs of spaces added last, so never more tokens).
 _GPT2_FAMILY = frozenset({"r50k_base", "gpt2", "p50k_base", "p50k_edit"})
 
 
@@ -825,7 +825,9 @@ class CostEstimator:
                     else f"tiktoken did not load it within {self._load_timeout:g} s (it downloads "
                     f"that vocabulary on first use, with no timeout): {_without_download(name)}"
                 )
-                logger.warning("token counts for %s are approximate (they err high): %s", name, reason)
+                logger.warning(
+                    "token counts for %s are approximate (never below the exact ones): %s", name, reason
+                )
         return None
 
 
@@ -1102,8 +1104,7 @@ class _ChildProcess:
         self._wake_lock = threading.Lock()
         self._io_lock = threading.RLock()  # held while reading or writing; close() takes it
         self.woken = False
-        # select.poll, not selectors: it holds no descriptor, and its one call a wake-up
-        # is most of what reading a line costs
+        # select.poll, not selectors: no descriptor of its own, no wrapper on each wake-up
         self._poller = select.poll()
         for fd in (self._stdout, self._stderr, self._wake_read):
             self._poller.register(fd, select.POLLIN)
@@ -1147,8 +1148,7 @@ class _ChildProcess:
             lines = self.lines
             polled = False
             while not lines:
-                if self.closed:
-                    self._check_open()
+                self._check_open()
                 if self._eof:
                     raise self.ended_error()
                 if self.woken:
@@ -1189,16 +1189,6 @@ class _ChildProcess:
 
     def _pump(self, timeout: float) -> None:
         events = self._poller.poll(math.ceil(timeout * 1000))  # milliseconds, never early
-        if len(events) == 1 and events[0][0] == self._stdout:  # the common case, in short
-            try:
-                chunk = os.read(self._stdout, _READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            if chunk:
-                self._feed(chunk)
-            else:
-                self._take(self._stdout, chunk)
-            return
         if not events:
             if self._proc.poll() is not None:
                 # The leader exited; a grandchild may still hold the pipe open, so EOF
