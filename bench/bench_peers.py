@@ -244,7 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small run, to check that it runs")
     quick = parser.parse_args().quick
-    runs, prompts, events = (1, 20, 2000) if quick else (10, 200, 20_000)
+    runs, prompts, events = (1, 10, 1000) if quick else (10, 200, 20_000)
     python = kimi_echo.ensure_installed(quiet=True)  # kimi-cli 1.52.0 on Python 3.12+, with tiktoken
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
