@@ -1148,10 +1148,10 @@ class _ChildProcess:
             lines = self.lines
             polled = False
             while not lines:
-                self._check_open()
-                if self._eof:
-                    raise self.ended_error()
-                if self.woken:
+                if self.closed or self._eof or self.woken:
+                    self._check_open()
+                    if self._eof:
+                        raise self.ended_error()
                     self.woken = False
                     return None
                 started = time.monotonic()
@@ -1197,7 +1197,17 @@ class _ChildProcess:
                 self._end_of_output()
             return
         for fd, _ in events:  # readable, or hung up or failed: the read or write says which
-            if fd == self._wake_read:
+            if fd == self._stdout:  # the common case, inline: one wake-up a line or so
+                try:
+                    chunk = os.read(fd, _READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if chunk:
+                    self._feed(chunk)
+                else:
+                    self._end_of_output()
+                    self._unregister(fd)
+            elif fd == self._wake_read:
                 try:
                     os.read(self._wake_read, _READ_SIZE)
                 except OSError:
@@ -1303,7 +1313,7 @@ class _ChildProcess:
         longer ``alive``."""
         with self._io_lock:
             self._check_open()
-            if not self.alive:
+            if self._eof or self._outbox:  # (a dead child's pipe refuses the write: EPIPE)
                 raise self.ended_error()
             self._outbox += data
             self._flush_outbox()
@@ -1683,6 +1693,14 @@ class _JsonRpcStdio:
     def read_message(self, timeout: float) -> WireMessage:
         """The next message within ``timeout`` seconds, else LlmTimeoutError. Lines that are
         not JSON-RPC are logged and skipped."""
+        message = self.next_message(timeout)
+        if message is None:
+            raise LlmTimeoutError(timeout, f"no message from the agent within {timeout:g} s")
+        return message
+
+    def next_message(self, timeout: float) -> Optional[WireMessage]:
+        """``read_message``, but None when no message comes within ``timeout`` (or on a
+        wake-up); ``next_message(0)`` takes what has come without waiting."""
         child = self._child
         if child is None:
             raise TransientNetworkError("no agent process is running; send a prompt first")
@@ -1699,7 +1717,7 @@ class _JsonRpcStdio:
                 self.reset()
                 raise
             if line is None:
-                raise LlmTimeoutError(timeout, f"no message from the agent within {timeout:g} s")
+                return None
             message = _decode_line(line)
             if message is not None:
                 return message
@@ -2443,10 +2461,13 @@ class _AgentLlmClient(_TurnCalls):
     def _discard_stale(self) -> None:
         """Take what the agent sent after its last answer (a late update) before a new
         prompt, so that it cannot reach the new turn."""
+        next_message = getattr(self.transport, "next_message", None)  # ours: no error raised
         while True:
             try:
-                message = self.transport.read_message(0)
+                message = self.transport.read_message(0) if next_message is None else next_message(0)
             except LlmError:
+                return
+            if message is None:
                 return
             if isinstance(message, Request):
                 self._answer_cancelled(message, _Turn(self._context, None, "", 0, None))

@@ -130,6 +130,17 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def ended(pid: int, within: float = 2.0) -> bool:
+    """Whether ``pid`` is gone within ``within`` s: a grandchild sent SIGKILL with its group
+    dies when next scheduled, not at once (nobody here can wait for it)."""
+    give_up = time.monotonic() + within
+    while pid_alive(pid):
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -1179,10 +1190,7 @@ def test_close_kills_grandchildren_too(protocol: str) -> None:
     with agent_client(protocol) as client:
         grandchild = int(client.complete("grandchild", budget()).content)
         assert pid_alive(grandchild)
-    deadline = time.monotonic() + 5
-    while pid_alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(grandchild)
+    assert ended(grandchild, within=5.0)
 
 
 def test_a_forgotten_transport_is_ended_by_its_finalizer() -> None:
@@ -1264,6 +1272,23 @@ def test_a_dead_child_is_replaced_before_the_next_send() -> None:
         wire.start_prompt("text: hi")
         assert wire.pid != first
         assert wire.generation == 2
+
+
+def test_next_message_takes_what_has_come_without_waiting_or_raising() -> None:
+    with fake_wire() as wire:
+        wire.start()
+        while wire.next_message(0.3) is not None:  # what start-up left (the legacy probe's answer)
+            pass
+        started = time.monotonic()
+        assert wire.next_message(0) is None  # nothing has come: None at once, no timeout error
+        assert time.monotonic() - started < 0.1
+        prompt = wire.start_prompt("text: hi")
+        messages = []
+        while not messages or getattr(messages[-1], "id", None) != prompt:
+            message = wire.next_message(5.0)
+            assert message is not None
+            messages.append(message)
+        assert any(isinstance(m, Event) and m.type == "ContentPart" for m in messages)
 
 
 def test_a_closed_transport_refuses_further_use() -> None:
@@ -1368,7 +1393,7 @@ def test_an_interrupt_while_closing_still_ends_the_agent_group(how: str) -> None
         with pytest.raises(KeyboardInterrupt):
             getattr(wire, how)()  # waits out the grace period: the agent ignores EOF
         timer.join()
-        assert not pid_alive(leader) and not pid_alive(sleeper)
+        assert not pid_alive(leader) and ended(sleeper)
 
 
 def test_close_from_another_thread_fails_the_running_turn_with_a_clear_error(protocol: str) -> None:
@@ -1724,7 +1749,8 @@ def test_a_peer_streaming_forever_is_stopped_by_the_deadline_not_an_idle_gap(pro
 
 
 def test_a_peer_that_will_not_settle_after_cancel_is_ended_and_replaced(protocol: str) -> None:
-    with agent_client(protocol, config=config(timeout=0.3, retry=NO_RETRY), cancel_grace=0.3) as client:
+    # the third call's 0.6 s holds the 0.2 s grace and a new agent's start (under load)
+    with agent_client(protocol, config=config(timeout=0.6, retry=NO_RETRY), cancel_grace=0.2) as client:
         client.complete("text: warm up", budget())
         first = client.transport.pid  # type: ignore[attr-defined]
         with pytest.raises(LlmTimeoutError):
@@ -2720,6 +2746,8 @@ def test_real_peer_timeout_with_a_pending_permission_then_a_clean_prompt(
     if not one_process(protocol):
         pytest.skip("a 1 s timeout leaves no time to restart the agent for each fresh context")
     client = real_peer(approval=too_slow, config=config(timeout=1.0, retry=NO_RETRY))
+    if protocol == "acp":
+        client.transport.new_session()  # Kimi's first session/new takes most of a second
     for round in range(3):  # Kimi used to merge a cancelled prompt into the next, now and then
         with pytest.raises(LlmTimeoutError):
             client.complete(tool_call(f"touch {marker}"), budget())
@@ -3607,7 +3635,7 @@ def test_cli_interrupted_while_closing_exits_130_and_ends_the_agent() -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == omk_llm.EXIT_INTERRUPTED
     assert "Traceback" not in err and "interrupted" in err
-    assert not pid_alive(sleeper)
+    assert ended(sleeper)
 
 
 # ---- batch mode -----------------------------------------------------------------------

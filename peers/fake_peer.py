@@ -55,17 +55,17 @@ wire request whose id is not a string gets an invalid-request error naming no id
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import queue
 import re
-import subprocess
 import sys
 import threading
 import time
-import uuid
-from typing import Any, Optional
+
+TYPE_CHECKING = False  # typing, uuid and subprocess are not imported: every test starts this
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 OUT = sys.stdout.buffer
 OUT_LOCK = threading.Lock()
@@ -82,7 +82,7 @@ def emit(obj: Any) -> None:
 
 
 class Peer:
-    def __init__(self, opts: argparse.Namespace) -> None:
+    def __init__(self, opts: Options) -> None:
         self.acp = opts.acp
         self.opts = opts
         self.turn: Optional[threading.Thread] = None
@@ -151,6 +151,8 @@ class Peer:
                     }
                 )
         else:
+            import uuid
+
             request_id = str(uuid.uuid4())
             payload = {"id": request_id, "tool_call_id": "tc-1", "sender": "Shell", "action": "run command"}
             emit(
@@ -366,6 +368,8 @@ class Peer:
             elif command == "status":
                 return arg
             elif command == "grandchild":
+                import subprocess
+
                 child = subprocess.Popen(["sleep", "300"])
                 emit(self.text_event(str(child.pid)))
             elif command == "pid":
@@ -470,22 +474,36 @@ class Peer:
             self.fail(request_id, -32601, f"Unexpected method received: {method}")
 
 
+# The options and their defaults (argparse is not imported: every test starts this peer)
+FLAGS = ("acp", "old", "silent", "legacy", "ignore_eof", "auth_required", "persistent_always")
+VALUES = {"session_delay": 0.0, "banner": None, "exit_after": 0, "startup_delay": 0.0,
+          "agent_name": "fake", "fail_first": 0}
+
+
+class Options:
+    def __init__(self, argv: list) -> None:
+        for flag in FLAGS:
+            setattr(self, flag, False)
+        for name, default in VALUES.items():
+            setattr(self, name, default)
+        args = iter(argv)
+        for arg in args:
+            name = arg[2:].replace("-", "_")
+            if not arg.startswith("--") or (name not in FLAGS and name not in VALUES):
+                sys.exit(f"fake_peer: unknown option {arg!r}")
+            if name in FLAGS:
+                setattr(self, name, True)
+                continue
+            value = next(args, None)
+            if value is None:
+                sys.exit(f"fake_peer: {arg} needs a value")
+            default = VALUES[name]
+            typed = value if default is None or isinstance(default, str) else type(default)(value)
+            setattr(self, name, typed)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--acp", action="store_true")
-    parser.add_argument("--old", action="store_true")
-    parser.add_argument("--silent", action="store_true")
-    parser.add_argument("--legacy", action="store_true")
-    parser.add_argument("--ignore-eof", action="store_true")
-    parser.add_argument("--session-delay", type=float, default=0.0)
-    parser.add_argument("--banner")
-    parser.add_argument("--exit-after", type=int, default=0)
-    parser.add_argument("--startup-delay", type=float, default=0.0)
-    parser.add_argument("--auth-required", action="store_true")
-    parser.add_argument("--agent-name", default="fake")
-    parser.add_argument("--persistent-always", action="store_true")
-    parser.add_argument("--fail-first", type=int, default=0)
-    opts = parser.parse_args()
+    opts = Options(sys.argv[1:])
     if opts.banner:
         print(opts.banner)
         return
