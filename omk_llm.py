@@ -86,7 +86,9 @@ __version__ = "0.6.0"
 __all__ = [
     "AcpLlmClient",
     "AcpStdio",
+    "AgentEvent",
     "AgentPool",
+    "ApprovalEvent",
     "AuthenticationError",
     "BudgetExhaustedError",
     "ClientFactory",
@@ -103,18 +105,26 @@ __all__ = [
     "LlmTimeoutError",
     "LlmUsage",
     "MockLlmClient",
+    "OtherEvent",
     "ParseError",
     "PeerStartError",
+    "PlanEntry",
+    "PlanEvent",
     "PoolProgress",
     "RateLimitedError",
     "Request",
     "RetryPolicy",
     "StdioWire",
     "SuccessResponse",
+    "TextEvent",
+    "ThinkingEvent",
     "TokenBudget",
+    "ToolCallEvent",
+    "ToolUpdateEvent",
     "TransientNetworkError",
     "TurnCancelledError",
     "TurnEffects",
+    "UsageEvent",
     "WireClient",
     "WireLlmClient",
     "WireMessage",
@@ -231,7 +241,9 @@ class LlmResponse:
     limit; ``thinking`` is the reasoning text the peer streamed apart from the answer.
     ``model`` is the configured one (it picked the tokenizer), not necessarily the agent's.
     ``usage_reported`` says whether the token counts come from the agent's report (else
-    they are the estimator's counts of the prompt and the answer)."""
+    they are the estimator's counts of the prompt and the answer). ``context_tokens`` and
+    ``context_window`` say how full the agent's context was after the turn, of how much,
+    when the agent reported it (None when it did not)."""
 
     content: str
     prompt_tokens: int
@@ -241,6 +253,8 @@ class LlmResponse:
     finish_reason: str
     thinking: str = ""
     usage_reported: bool = False
+    context_tokens: Optional[int] = None
+    context_window: Optional[int] = None
 
     def to_usage(self, estimator: CostEstimator) -> LlmUsage:
         usd = estimator.estimate(self.prompt_tokens, self.completion_tokens, self.model)
@@ -251,7 +265,8 @@ class LlmResponse:
 class TurnEffects:
     """What an agent turn did outside the client before it ended: what a retry would do
     again. ``tools`` names the tool calls the agent started (even ones it was then refused),
-    ``approvals`` counts the approvals granted, ``streamed`` is the text given to ``on_text``."""
+    ``approvals`` counts the approvals granted, ``streamed`` is the text given to ``on_text``
+    or ``on_event``."""
 
     tools: Tuple[str, ...] = ()
     approvals: int = 0
@@ -268,8 +283,107 @@ class TurnEffects:
         if self.approvals:
             done.append(f"been granted {self.approvals} approval(s)")
         if self.streamed:
-            done.append(f"streamed {len(self.streamed)} characters to on_text")
+            done.append(f"streamed {len(self.streamed)} characters to on_text or on_event")
         return " and ".join(done) if done else "done nothing outside the client"
+
+
+# ---- what the agent reports during a turn: on_event ------------------------------------
+# Small frozen dataclasses, the same over wire and ACP; ``kind`` says which one it is.
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEvent:
+    """A chunk of the answer's text (the same chunk ``on_text`` gets)."""
+
+    kind: str = dataclasses.field(default="text", init=False)
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkingEvent:
+    """A chunk of the agent's reasoning, apart from the answer."""
+
+    kind: str = dataclasses.field(default="thinking", init=False)
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCallEvent:
+    """The agent starts a tool: ``name`` (Kimi's ``Shell``, or an ACP agent's title of the
+    call) and its ``arguments`` as the agent gave them (JSON text, or "")."""
+
+    kind: str = dataclasses.field(default="tool_call", init=False)
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolUpdateEvent:
+    """News of a tool call: ``status`` "in_progress", "completed" or "failed", and the
+    ``output`` it gave so far as text."""
+
+    kind: str = dataclasses.field(default="tool_update", init=False)
+    id: str
+    status: str
+    output: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+    """One step of the agent's plan (its to-do list): ``status`` "pending", "in_progress"
+    or "completed"."""
+
+    content: str
+    status: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEvent:
+    """The agent's whole plan, as it now stands."""
+
+    kind: str = dataclasses.field(default="plan", init=False)
+    entries: Tuple[PlanEntry, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageEvent:
+    """What the agent reported of its tokens: a step's ``prompt_tokens`` and
+    ``completion_tokens``, and how full its context is (``context_tokens`` of
+    ``context_window``); None where it said nothing."""
+
+    kind: str = dataclasses.field(default="usage", init=False)
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+    context_tokens: Optional[int] = None
+    context_window: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ApprovalEvent:
+    """The agent asked to run a tool, and the client's ``approval`` answered ``decision``
+    ("approve", "approve_for_session" or "reject")."""
+
+    kind: str = dataclasses.field(default="approval", init=False)
+    tool_call_id: str
+    description: str
+    decision: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherEvent:
+    """Anything else the agent reported: ``type`` is the wire event's type or the ACP
+    update's kind (or the request's method), ``raw`` its payload as the agent sent it."""
+
+    kind: str = dataclasses.field(default="other", init=False)
+    type: str
+    raw: Any = None
+
+
+AgentEvent = Union[
+    TextEvent, ThinkingEvent, ToolCallEvent, ToolUpdateEvent, PlanEvent, UsageEvent, ApprovalEvent, OtherEvent
+]
+EventCallback = Callable[[AgentEvent], None]
 
 
 class TokenBudget:
@@ -852,7 +966,12 @@ class _WithSystem:
     """``complete_with_system`` for every client: the combined prompt, through ``complete``."""
 
     def complete(
-        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
+        self,
+        prompt: str,
+        budget: TokenBudget,
+        *,
+        on_text: Optional[TextCallback] = None,
+        on_event: Optional[EventCallback] = None,
     ) -> LlmResponse:
         raise NotImplementedError
 
@@ -863,8 +982,9 @@ class _WithSystem:
         budget: TokenBudget,
         *,
         on_text: Optional[TextCallback] = None,
+        on_event: Optional[EventCallback] = None,
     ) -> LlmResponse:
-        return self.complete(system_prompt(system, prompt), budget, on_text=on_text)
+        return self.complete(system_prompt(system, prompt), budget, on_text=on_text, on_event=on_event)
 
 
 class MockLlmClient(_WithSystem):
@@ -894,8 +1014,16 @@ class MockLlmClient(_WithSystem):
             return len(self._responses)
 
     def complete(
-        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
+        self,
+        prompt: str,
+        budget: TokenBudget,
+        *,
+        on_text: Optional[TextCallback] = None,
+        on_event: Optional[EventCallback] = None,
     ) -> LlmResponse:
+        """The next queued answer; ``on_text`` gets its content as one chunk, and
+        ``on_event`` the same as a TextEvent (then a UsageEvent, for an ``LlmResponse``
+        whose usage is marked as reported)."""
         with self._lock:
             self._calls.append(prompt)
             item = self._responses.popleft() if self._responses else None
@@ -905,12 +1033,17 @@ class MockLlmClient(_WithSystem):
             raise item
         response = item if isinstance(item, LlmResponse) else _plain_response(item)
         budget.record_usage(response.total_tokens)
-        if on_text is not None and response.content:
+        if (on_text is not None or on_event is not None) and response.content:
             cancelled = threading.Event()
             with self._lock:
                 self._running.append(cancelled)
             try:
-                on_text(response.content)
+                if on_text is not None:
+                    on_text(response.content)
+                if on_event is not None:
+                    on_event(TextEvent(response.content))
+                    if response.usage_reported:
+                        on_event(UsageEvent(response.prompt_tokens, response.completion_tokens))
             finally:
                 with self._lock:
                     self._running.remove(cancelled)
@@ -1922,6 +2055,8 @@ class _Context:
         self.failed = False  # its last turn failed: the agent may hold it, half done
         self.turns = 0  # finished turns in its history
         self.history_tokens = 0  # what its history costs each later turn, as best known
+        self.context_tokens: Optional[int] = None  # the agent's report after the last turn
+        self.context_window: Optional[int] = None
         self.closed = False
 
     def follow(self, generation: int) -> bool:
@@ -1932,6 +2067,7 @@ class _Context:
         if self.turns:
             logger.warning("the agent process was replaced: the conversation's history is lost")
             self.turns = self.history_tokens = 0
+        self.context_tokens = self.context_window = None
         self.generation = generation
         return True
 
@@ -1946,10 +2082,13 @@ class _Turn:
         prompt: str,
         prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
+        *,
+        on_event: Optional[EventCallback] = None,
     ) -> None:
         self.context = context
         self.prompt_id: Any = None
         self.on_text = on_text
+        self.on_event = on_event
         self.prompt = prompt
         self.prompt_tokens = prompt_tokens  # None: not counted yet (the agent may report it)
         self.budget = budget
@@ -1961,7 +2100,8 @@ class _Turn:
         self.tools: List[str] = []
         self.approvals = 0
         self.begun = False  # wire: this turn's TurnBegin was seen
-        self.context_used = 0  # ACP usage_update: tokens in the agent's context
+        self.context_tokens: Optional[int] = None  # as reported: tokens in the agent's context
+        self.context_window: Optional[int] = None  # and how many it holds
         self.finish_reason = "stop"
         self.cancel_requested = False
         self.draining = False  # cancelled: its text no longer counts as the answer
@@ -1974,10 +2114,28 @@ class _Turn:
             self.text.append(chunk)
             if self.on_text is not None:
                 self.on_text(chunk)
+            if self.on_event is not None:
+                self.on_event(TextEvent(chunk))
 
     def add_thinking(self, chunk: str) -> None:
         if chunk and not self.draining:
-            self.thinking.append(_encodable(chunk))
+            chunk = _encodable(chunk)
+            self.thinking.append(chunk)
+            if self.on_event is not None:
+                self.on_event(ThinkingEvent(chunk))
+
+    def emit(self, event: Callable[[], AgentEvent]) -> None:
+        """Give ``on_event`` the event ``event()`` builds (built only when there is a
+        callback, and never for a cancelled turn's remains)."""
+        if self.on_event is not None and not self.draining:
+            self.on_event(event())
+
+    def add_context(self, tokens: Optional[int], window: Optional[int]) -> None:
+        """How full the agent says its context is (either may be unknown)."""
+        if tokens is not None:
+            self.context_tokens = tokens
+        if window is not None:
+            self.context_window = window
 
     def add_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         """One step's reported usage (each step is a model call, billed for its input)."""
@@ -1993,7 +2151,8 @@ class _Turn:
             raise _Stop("budget")
 
     def effects(self) -> TurnEffects:
-        streamed = "".join(self.text) if self.on_text is not None else ""
+        shown = self.on_text is not None or self.on_event is not None
+        streamed = "".join(self.text) if shown else ""
         return TurnEffects(tuple(self.tools), self.approvals, streamed)
 
 
@@ -2039,6 +2198,12 @@ def _counts(usage: Mapping[str, Any], keys: Sequence[str]) -> Optional[List[int]
     return counts
 
 
+def _count(report: Mapping[str, Any], key: str) -> Optional[int]:
+    """The count under ``key``, or None when it is missing, null or not a count."""
+    value = report.get(key)
+    return value if type(value) is int and value >= 0 else None
+
+
 class WireClient(Protocol):
     """What a client needs from a transport: ``StdioWire`` and ``AcpStdio`` both are one.
     ``start_prompt`` takes a text, or text parts to send as one message."""
@@ -2065,12 +2230,19 @@ class _TurnCalls(_WithSystem):
     _context: _Context
 
     def complete(
-        self, prompt: str, budget: TokenBudget, *, on_text: Optional[TextCallback] = None
+        self,
+        prompt: str,
+        budget: TokenBudget,
+        *,
+        on_text: Optional[TextCallback] = None,
+        on_event: Optional[EventCallback] = None,
     ) -> LlmResponse:
         """Send one prompt and return the whole answer; ``on_text`` receives each text
-        chunk as it arrives. On a client the prompt gets a fresh agent context; in a
-        conversation it sees the conversation's history."""
-        return self._client._complete(self._context, prompt, budget, on_text)
+        chunk as it arrives, ``on_event`` each thing the agent reports (text, thinking,
+        tool calls and their news, its plan, usage, approvals: an ``AgentEvent``). On a
+        client the prompt gets a fresh agent context; in a conversation it sees the
+        conversation's history."""
+        return self._client._complete(self._context, prompt, budget, on_text, on_event)
 
     def command(self, command: str, budget: Optional[TokenBudget] = None) -> LlmResponse:
         """Run an agent command (``/compact``, ``/yolo``, ...) as the agent defines it.
@@ -2146,13 +2318,20 @@ class _AgentLlmClient(_TurnCalls):
     # -- calls --
 
     def _complete(
-        self, context: _Context, prompt: str, budget: TokenBudget, on_text: Optional[TextCallback]
+        self,
+        context: _Context,
+        prompt: str,
+        budget: TokenBudget,
+        on_text: Optional[TextCallback],
+        on_event: Optional[EventCallback] = None,
     ) -> LlmResponse:
         text, prompt_tokens = self._admit(prompt, budget, context.history_tokens)
         policy = self.config.retry_policy
         deadline = None if policy.deadline is None else time.monotonic() + policy.deadline
         return with_retry(
-            lambda: self._attempt(context, text, prompt_tokens, budget, on_text, deadline, escape=True),
+            lambda: self._attempt(
+                context, text, prompt_tokens, budget, (on_text, on_event), deadline, escape=True
+            ),
             policy,
             lambda err: is_retryable(err) and not getattr(err, "_not_retried", False),
             sleep=self._sleep,
@@ -2183,7 +2362,7 @@ class _AgentLlmClient(_TurnCalls):
                 "send prompts with complete()"
             )
         _check_prompt(command)
-        return self._attempt(context, command, None, budget, None, None, escape=False)
+        return self._attempt(context, command, None, budget, (None, None), None, escape=False)
 
     def _cancel(self, context: Optional[_Context]) -> None:
         attempt = self._attempt_turn
@@ -2205,14 +2384,14 @@ class _AgentLlmClient(_TurnCalls):
         text: str,
         prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
-        on_text: Optional[TextCallback],
+        callbacks: Tuple[Optional[TextCallback], Optional[EventCallback]],
         call_deadline: Optional[float],
         *,
         escape: bool,
     ) -> LlmResponse:
         if self._turn_thread == threading.get_ident():
             raise LlmError(
-                "a call on this client was made from inside its own callback (on_text or the "
+                "a call on this client was made from inside its own callback (on_text, on_event or the "
                 "approval callable) while its turn runs; the agent runs one turn at a time, so "
                 "use another client there"
             )
@@ -2237,7 +2416,7 @@ class _AgentLlmClient(_TurnCalls):
             self._turn_thread = threading.get_ident()
             if bounded:
                 self.transport.deadline = deadline  # type: ignore[attr-defined]
-            return self._locked_attempt(context, text, prompt_tokens, budget, on_text, deadline, escape)
+            return self._locked_attempt(context, text, prompt_tokens, budget, callbacks, deadline, escape)
         finally:
             self._turn_thread = None
             if bounded:
@@ -2250,14 +2429,14 @@ class _AgentLlmClient(_TurnCalls):
         text: str,
         prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
-        on_text: Optional[TextCallback],
+        callbacks: Tuple[Optional[TextCallback], Optional[EventCallback]],
         deadline: float,
         escape: bool,
     ) -> LlmResponse:
         if context.closed:
             raise LlmError("this conversation was closed; open a new one with client.conversation()")
         self._check_context_free(context)
-        turn = _Turn(context, on_text, text, prompt_tokens, budget)
+        turn = _Turn(context, callbacks[0], text, prompt_tokens, budget, on_event=callbacks[1])
         had_history = context.turns > 0
         self._attempt_turn = turn
         try:
@@ -2279,6 +2458,7 @@ class _AgentLlmClient(_TurnCalls):
         if budget is not None:
             budget.record_usage(response.total_tokens)
         context.turns += 1
+        context.context_tokens, context.context_window = response.context_tokens, response.context_window
         if not context.keep_history:
             context.history_tokens = 0
         elif turn.usage:  # the agent's reported prompt tokens include the history
@@ -2312,6 +2492,7 @@ class _AgentLlmClient(_TurnCalls):
             )
             context.turns = 0
             context.history_tokens = 0
+            context.context_tokens = context.context_window = None
         if reasons and is_retryable(err):
             err.args = (f"{err}; not retried: {'; '.join(reasons)}",)
             err._not_retried = True
@@ -2366,7 +2547,7 @@ class _AgentLlmClient(_TurnCalls):
         if reason == "budget":
             assert turn.budget is not None
             partial = self._response(turn, "budget")
-            spent = max(partial.total_tokens, turn.context_used)
+            spent = max(partial.total_tokens, turn.context_tokens or 0)
             return BudgetExhaustedError(
                 turn.budget.used_tokens + spent,
                 turn.budget.max_tokens,
@@ -2379,6 +2560,7 @@ class _AgentLlmClient(_TurnCalls):
 
     def _answer(self, request: Request, turn: _Turn, deadline: float) -> None:
         if not self._is_approval(request):
+            turn.emit(lambda: OtherEvent(request.type, request.payload))
             self._answer_other(request, turn)
             return
         decision = self.approval(request) if callable(self.approval) else self.approval
@@ -2389,6 +2571,7 @@ class _AgentLlmClient(_TurnCalls):
             raise _Stop("cancel" if turn.cancel_requested else "timeout")
         if decision in GRANTED:
             turn.approvals += 1
+        turn.emit(lambda: ApprovalEvent(*self._approval_about(request), str(decision)))
         self._answer_approval(request, decision)
 
     def _cancel_and_drain(self, turn: _Turn, deadline: float) -> bool:
@@ -2499,6 +2682,8 @@ class _AgentLlmClient(_TurnCalls):
             finish_reason,
             "".join(turn.thinking),
             usage_reported=turn.usage is not None,
+            context_tokens=turn.context_tokens,
+            context_window=turn.context_window,
         )
 
     def _run_clear(self, context: _Context, deadline: float) -> bool:
@@ -2548,6 +2733,10 @@ class _AgentLlmClient(_TurnCalls):
     def _is_approval(self, request: Request) -> bool:
         raise NotImplementedError
 
+    def _approval_about(self, request: Request) -> Tuple[str, str]:
+        """The tool call a permission request is about: its id, and what it would do."""
+        raise NotImplementedError
+
     def _answer_approval(self, request: Request, decision: Optional[str]) -> None:
         """Answer a permission request; ``decision`` None means the turn was cancelled."""
         raise NotImplementedError
@@ -2585,6 +2774,18 @@ class Conversation(_TurnCalls):
     def turns(self) -> int:
         """How many finished turns the agent's history holds."""
         return self._context.turns
+
+    @property
+    def context_tokens(self) -> Optional[int]:
+        """How many tokens the agent's context held after the last turn, as the agent
+        reported (None when it did not, or the history was lost): watch it against
+        ``context_window`` to know before the agent compacts its history or fails."""
+        return self._context.context_tokens
+
+    @property
+    def context_window(self) -> Optional[int]:
+        """How many tokens the agent's context can hold, as it reported (else None)."""
+        return self._context.context_window
 
     def cancel(self) -> None:
         """Cancel this conversation's running turn (see ``cancel()`` on the client)."""
@@ -2674,6 +2875,36 @@ class StdioWire(_JsonRpcStdio):
             "; the agent speaks ACP, not the wire protocol: use AcpStdio and AcpLlmClient "
             "(on the command line, --acp)"
         )
+
+
+def _wire_tool_update(payload: Dict[str, Any]) -> ToolUpdateEvent:
+    """A wire ``ToolResult`` as a ToolUpdateEvent: the tool call's end."""
+    value = payload.get("return_value")
+    value = value if isinstance(value, dict) else {}
+    output = value.get("output")
+    text = output if isinstance(output, str) and output else str(value.get("message") or "")
+    status = "failed" if value.get("is_error") else "completed"
+    return ToolUpdateEvent(str(payload.get("tool_call_id") or ""), status, text)
+
+
+_WIRE_TODO_STATUS = {"done": "completed", "in progress": "in_progress"}  # the rest as ACP's
+
+
+def _wire_plan(payload: Dict[str, Any]) -> Optional[PlanEvent]:
+    """The plan in a wire ``ToolResult``, if it shows Kimi's to-do list (as ACP's ``plan``)."""
+    value = payload.get("return_value")
+    display = value.get("display") if isinstance(value, dict) else None
+    for block in display if isinstance(display, list) else []:
+        if isinstance(block, dict) and block.get("type") == "todo" and isinstance(block.get("items"), list):
+            items = [item for item in block["items"] if isinstance(item, dict)]
+            return PlanEvent(
+                tuple(
+                    PlanEntry(str(item.get("title") or ""), _WIRE_TODO_STATUS.get(status, status))
+                    for item in items
+                    for status in [str(item.get("status") or "pending").lower()]
+                )
+            )
+    return None
 
 
 def _wire_error(error: ErrorResponse) -> LlmError:
@@ -2811,28 +3042,54 @@ class WireLlmClient(_AgentLlmClient):
         kind = event.type
         if kind == "TurnBegin":
             turn.begun = self._sends_turn_begin = True
-            return
-        if self._sends_turn_begin and not turn.begun:
+        elif self._sends_turn_begin and not turn.begun:
             return  # sent before this turn began: the remains of an earlier one
         payload = event.payload if isinstance(event.payload, dict) else {}
         if kind == "ContentPart":
             part = payload.get("type")
             if part == "text":
                 turn.add_text(str(payload.get("text") or ""))
-            elif part == "think":
+                return
+            if part == "think":
                 turn.add_thinking(str(payload.get("think") or ""))
+                return
         elif kind == "ToolCall":
             function = payload.get("function")
-            name = function.get("name") if isinstance(function, dict) else None
-            turn.tools.append(str(name or "a tool"))
+            function = function if isinstance(function, dict) else {}
+            name = str(function.get("name") or "a tool")
+            turn.tools.append(name)
+            call_id, arguments = str(payload.get("id") or ""), function.get("arguments")
+            turn.emit(lambda: ToolCallEvent(call_id, name, arguments if isinstance(arguments, str) else ""))
+            return
+        elif kind == "ToolResult":
+            turn.emit(lambda: _wire_tool_update(payload))
+            plan = _wire_plan(payload)
+            if plan is not None:
+                turn.emit(lambda: plan)
+            return
         elif kind == "StatusUpdate":
             usage = payload.get("token_usage")
             counts = _counts(usage, _WIRE_USAGE_KEYS) if isinstance(usage, dict) else None
-            if counts is not None:
-                turn.add_usage(sum(counts[:-1]), counts[-1])
+            context, window = _count(payload, "context_tokens"), _count(payload, "max_context_tokens")
+            if counts is not None or context is not None:
+                turn.add_context(context, window)
+                turn.emit(
+                    lambda: UsageEvent(
+                        sum(counts[:-1]) if counts else None, counts[-1] if counts else None, context, window
+                    )
+                )
+                if counts is not None:
+                    turn.add_usage(sum(counts[:-1]), counts[-1])
+                return
+        turn.emit(lambda: OtherEvent(kind, event.payload))
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "ApprovalRequest"
+
+    def _approval_about(self, request: Request) -> Tuple[str, str]:
+        payload = request.payload if isinstance(request.payload, dict) else {}
+        about = payload.get("description") or payload.get("action") or payload.get("sender")
+        return str(payload.get("tool_call_id") or ""), str(about or "")
 
     def _answer_approval(self, request: Request, decision: Optional[str]) -> None:
         payload = request.payload if isinstance(request.payload, dict) else {}
@@ -3113,16 +3370,42 @@ class AcpLlmClient(_AgentLlmClient):
                     turn.add_text(chunk)
                 else:
                     turn.add_thinking(chunk)
+                return
         elif kind == "tool_call":
-            turn.tools.append(str(update.get("title") or update.get("kind") or "a tool"))
+            name = str(update.get("title") or update.get("kind") or "a tool")
+            turn.tools.append(name)
+            call_id, raw_input = str(update.get("toolCallId") or ""), update.get("rawInput")
+            arguments = "" if raw_input is None else json.dumps(raw_input, ensure_ascii=False)
+            turn.emit(lambda: ToolCallEvent(call_id, name, arguments))
+            if update.get("status") not in ("completed", "failed"):
+                return
         elif kind == "usage_update":
             used = _counts(update, ("used",))
             if used is not None:
-                turn.context_used = max(turn.context_used, used[0])
-                turn.check_budget(turn.context_used)
+                turn.add_context(max(turn.context_tokens or 0, used[0]), _count(update, "size"))
+                turn.emit(
+                    lambda: UsageEvent(context_tokens=turn.context_tokens, context_window=turn.context_window)
+                )
+                turn.check_budget(turn.context_tokens or 0)
+                return
+        elif kind == "plan":
+            turn.emit(lambda: _acp_plan(update))
+            return
+        if kind in ("tool_call", "tool_call_update"):
+            call_id = str(update.get("toolCallId") or "")
+            status = str(update.get("status") or "in_progress")
+            turn.emit(lambda: ToolUpdateEvent(call_id, status, _acp_text(update.get("content"))))
+            return
+        turn.emit(lambda: OtherEvent(str(kind), update))
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "session/request_permission"
+
+    def _approval_about(self, request: Request) -> Tuple[str, str]:
+        payload = request.payload if isinstance(request.payload, dict) else {}
+        call = payload.get("toolCall")
+        call = call if isinstance(call, dict) else {}
+        return str(call.get("toolCallId") or ""), str(call.get("title") or call.get("kind") or "")
 
     def _answer_approval(self, request: Request, decision: Optional[str]) -> None:
         outcome: Dict[str, Any] = {"outcome": "cancelled"}
@@ -3150,16 +3433,36 @@ class AcpLlmClient(_AgentLlmClient):
         counts = _counts(usage, _ACP_USAGE_KEYS) if isinstance(usage, dict) else None
         if counts is not None:
             turn.usage = [sum(counts[:-1]), counts[-1]]
-        elif turn.context_used:
+            turn.emit(lambda: UsageEvent(sum(counts[:-1]), counts[-1]))
+        elif turn.context_tokens:
             # usage_update only says how full the context is: the prompt's share of that
             estimated_prompt, completion = self._tokens(turn)
-            turn.usage = [max(estimated_prompt, turn.context_used - completion), completion]
+            turn.usage = [max(estimated_prompt, turn.context_tokens - completion), completion]
         if reason == "end_turn" and not turn.text and turn.updates == 0 and self._is_kimi():
             raise TransientNetworkError(
                 "the agent ended the turn with no answer and no update: it most likely hid a "
                 "provider error (Kimi logs it under $KIMI_SHARE_DIR/logs, by default ~/.kimi/logs)"
             )
         turn.finish_reason = _ACP_STOP.get(reason, reason)
+
+
+def _acp_plan(update: Dict[str, Any]) -> PlanEvent:
+    entries = [entry for entry in update.get("entries") or [] if isinstance(entry, dict)]
+    return PlanEvent(
+        tuple(PlanEntry(str(e.get("content") or ""), str(e.get("status") or "pending")) for e in entries)
+    )
+
+
+def _acp_text(content: Any) -> str:
+    """The text in an ACP tool call's ``content`` (a list of blocks, text ones nested)."""
+    if not isinstance(content, list):
+        return ""
+    texts = []
+    for block in content:
+        inner = block.get("content") if isinstance(block, dict) else None
+        if isinstance(inner, dict) and isinstance(inner.get("text"), str):
+            texts.append(inner["text"])
+    return "".join(texts)
 
 
 def _acp_option(options: List[Dict[str, Any]], decision: str) -> Optional[Dict[str, Any]]:
@@ -3736,6 +4039,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print the whole response as JSON instead of streaming"
     )
+    parser.add_argument(
+        "--events",
+        action="store_true",
+        help="print each thing the agent reports (text, tool calls and their news, plan, usage, "
+        'approvals) as a JSON line on stdout, then the response as a last line of kind "response"',
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     parser.add_argument("--version", action="version", version=f"omk_llm {__version__}")
     return parser
@@ -3749,7 +4058,7 @@ _FLAG_NAMES = (
     ("give it a larger TokenBudget", "raise --budget"),
     ("the retry policy's deadline", "--timeout"),
     ("RetryPolicy(retry_after_effects=True) retries anyway", "the library can retry anyway"),
-    (" to on_text", " to stdout"),
+    (" to on_text or on_event", " to stdout"),
 )
 
 
@@ -3796,6 +4105,9 @@ def _usage_line(response: LlmResponse, usd: Optional[float], model: Optional[str
     )
     if usd is not None:
         line += f", ~${usd:.4f} at {model}'s list rate (an estimate)"
+    if response.context_tokens is not None:
+        window = f" of {response.context_window}" if response.context_window is not None else ""
+        line += f", context {response.context_tokens}{window} tokens"
     return line
 
 
@@ -3970,6 +4282,8 @@ def main(
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.batch is None):
         parser.error("give a prompt or --batch FILE" + (", not both" if args.batch else ""))
+    if args.events and args.batch is not None:
+        parser.error("--events is for one prompt; --batch prints one result a line")
 
     handler = logging.StreamHandler(stderr)
     handler.setFormatter(logging.Formatter("omk_llm: %(message)s"))
@@ -4046,15 +4360,50 @@ def main(
         whole = RetryPolicy(max_retries=args.retries, deadline=left)  # retries end by --timeout
         client.config = dataclasses.replace(config, retry_policy=whole)
 
+        tool_shown = False  # a "running ..." line on the terminal
+
+        def end_tool_line() -> None:
+            nonlocal tool_shown
+            if tool_shown:
+                stderr.write("\r\033[K")
+                stderr.flush()
+                tool_shown = False
+
         def stream(chunk: str) -> None:
             nonlocal answer_line_open
+            end_tool_line()
             stdout.write(chunk)
             stdout.flush()
             answer_line_open = not chunk.endswith("\n")
 
-        response = client.complete(prompt, budget, on_text=None if args.json else stream)
+        def show(event: AgentEvent) -> None:
+            nonlocal tool_shown
+            if args.events:
+                print(json.dumps(dataclasses.asdict(event), ensure_ascii=False), file=stdout, flush=True)
+            if not on_terminal:
+                return
+            if isinstance(event, ToolCallEvent):
+                end_tool_line()
+                stderr.write(f"omk_llm: running {event.name} ...")
+                stderr.flush()
+                tool_shown = True
+            elif isinstance(event, ToolUpdateEvent) and event.status in ("completed", "failed"):
+                end_tool_line()
+
+        try:
+            response = client.complete(
+                prompt,
+                budget,
+                on_text=None if args.json or args.events else stream,
+                on_event=show if args.events or on_terminal else None,
+            )
+        finally:
+            end_tool_line()
         usd = response.to_usage(client.cost_estimator).estimated_usd if args.model else None
-        if args.json:
+        if args.events:
+            fields = {"kind": "response", **dataclasses.asdict(response), "estimated_usd": usd}
+            print(json.dumps(fields, ensure_ascii=False), file=stdout)
+        elif args.json:
             fields = dataclasses.asdict(response)
             fields.update(model=args.model, estimated_usd=usd)  # only what --model said
             print(json.dumps(fields, ensure_ascii=False, indent=2), file=stdout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -37,7 +38,9 @@ import omk_llm
 from omk_llm import (
     AcpLlmClient,
     AcpStdio,
+    AgentEvent,
     AgentPool,
+    ApprovalEvent,
     AuthenticationError,
     BudgetExhaustedError,
     ClientFactory,
@@ -52,17 +55,25 @@ from omk_llm import (
     LlmTimeoutError,
     LlmUsage,
     MockLlmClient,
+    OtherEvent,
     ParseError,
     PeerStartError,
+    PlanEntry,
+    PlanEvent,
     PoolProgress,
     RateLimitedError,
     Request,
     RetryPolicy,
     StdioWire,
     SuccessResponse,
+    TextEvent,
+    ThinkingEvent,
     TokenBudget,
+    ToolCallEvent,
+    ToolUpdateEvent,
     TransientNetworkError,
     TurnCancelledError,
+    UsageEvent,
     WireLlmClient,
     WireProtocolError,
     is_retryable,
@@ -1545,6 +1556,110 @@ def test_on_text_receives_each_chunk_in_order(protocol: str) -> None:
     assert "".join(chunks) == response.content
 
 
+# ---- events: on_event ----------------------------------------------------------------
+
+A_TURN_THAT_DOES_EVERYTHING = (
+    "think: let me see\ntool: Shell\ntool-done: two files\nplan: Read=done;Write=in_progress\n"
+    "context: 42\ntext: all done"
+)
+
+
+def test_on_event_gives_the_same_events_over_wire_and_acp(protocol: str) -> None:
+    events: List[AgentEvent] = []
+    with agent_client(protocol) as client:
+        client.complete(A_TURN_THAT_DOES_EVERYTHING, budget(), on_event=events.append)
+    assert [event for event in events if event.kind != "other"] == [
+        ThinkingEvent("let me see"),
+        ToolCallEvent("tc-1", "Shell", "" if protocol == "acp" else "{}"),
+        ToolUpdateEvent("tc-1", "completed", "two files"),
+        ToolCallEvent("tc-todo", "SetTodoList", "" if protocol == "acp" else "{}"),  # Kimi's to-do tool
+        ToolUpdateEvent("tc-todo", "completed", "Todo updated"),
+        PlanEvent((PlanEntry("Read", "completed"), PlanEntry("Write", "in_progress"))),
+        UsageEvent(context_tokens=42, context_window=100000),
+        TextEvent("all done"),
+    ]
+
+
+def test_a_recorded_kimi_turn_gives_its_tool_call_approval_and_result_as_events() -> None:
+    events: List[AgentEvent] = []
+    client = WireLlmClient(ReplayWire("scripted_approvals.jsonl", "a"), config(), approval="approve")
+    client.complete("please run a command", budget(), on_event=events.append)
+    assert [event for event in events if event.kind in ("tool_call", "approval", "tool_update")] == [
+        ToolCallEvent("tc-a", "Shell", '{"command": "echo approved-run"}'),
+        ApprovalEvent("tc-a", "Run command `echo approved-run`", "approve"),
+        ToolUpdateEvent("tc-a", "completed", "approved-run\n"),
+    ]
+
+
+def test_events_are_frozen_and_say_their_kind() -> None:
+    event = ToolCallEvent("tc-1", "Shell", "{}")
+    assert (event.kind, dataclasses.asdict(event)["kind"]) == ("tool_call", "tool_call")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.name = "Other"  # type: ignore[misc]
+
+
+def test_what_has_no_kind_of_its_own_is_other_with_the_raw_message(protocol: str) -> None:
+    events: List[AgentEvent] = []
+    with agent_client(protocol) as client:
+        client.complete("text: hi", budget(), on_event=events.append)
+    others = [event for event in events if isinstance(event, OtherEvent)]
+    if protocol == "wire":  # TurnBegin, StepBegin, TurnEnd and the rest (ACP sends none here)
+        assert "TurnBegin" in [event.type for event in others]
+        assert all(event.raw is not None for event in others)
+
+
+def test_on_text_and_on_event_both_get_the_text(protocol: str) -> None:
+    chunks: List[str] = []
+    events: List[AgentEvent] = []
+    with agent_client(protocol) as client:
+        client.complete("text: one\ntext: two", budget(), on_text=chunks.append, on_event=events.append)
+    assert chunks == [event.text for event in events if isinstance(event, TextEvent)] == ["one", "two"]
+
+
+def test_an_approval_event_says_what_the_client_answered(protocol: str) -> None:
+    events: List[AgentEvent] = []
+    with agent_client(protocol, approval="reject") as client:
+        client.complete(ASK_APPROVAL[protocol], budget(), on_event=events.append)
+    approvals = [event for event in events if isinstance(event, ApprovalEvent)]
+    assert [event.decision for event in approvals] == ["reject"]
+
+
+def test_text_given_to_on_event_makes_a_failed_turn_not_retried(protocol: str) -> None:
+    with (
+        agent_client(protocol, "--fail-first", "1") as client,
+        pytest.raises(TransientNetworkError, match="not retried") as caught,
+    ):
+        client.complete("text: partial", budget(), on_event=lambda event: None)
+    assert caught.value.effects is not None and caught.value.effects.streamed == "partial"
+
+
+def test_an_error_raised_by_on_event_ends_the_turn_and_the_next_prompt_is_clean(protocol: str) -> None:
+    def fail(event: AgentEvent) -> None:
+        if isinstance(event, ToolCallEvent):
+            raise RuntimeError("the callback failed")
+
+    with agent_client(protocol) as client:
+        with pytest.raises(RuntimeError, match="the callback failed"):
+            client.complete("tool: Shell\ntext: never seen", budget(), on_event=fail)
+        assert client.complete("text: clean", budget()).content == "clean"
+
+
+def test_the_response_and_the_conversation_say_how_full_the_context_is(protocol: str) -> None:
+    with agent_client(protocol) as client:
+        assert client.complete("text: hi", budget()).context_tokens is None  # not reported
+        with client.conversation() as chat:
+            assert (chat.context_tokens, chat.context_window) == (None, None)
+            response = chat.complete("context: 1234\ntext: hi", budget())
+            assert (response.context_tokens, response.context_window) == (1234, 100000)
+            assert (chat.context_tokens, chat.context_window) == (1234, 100000)
+
+
+def test_the_mock_gives_on_event_its_answer_as_text() -> None:
+    events: List[AgentEvent] = []
+    MockLlmClient(["canned"]).complete("q", budget(), on_event=events.append)
+    assert events == [TextEvent("canned")]
+
+
 def test_many_prompts_on_one_client_use_one_child(protocol: str) -> None:
     with agent_client(protocol) as client:
         answers = [client.complete(f"text: answer {i}", budget()).content for i in range(20)]
@@ -2685,6 +2800,19 @@ def test_real_wire_peer_reports_usage(protocol: str, real_peer: Callable[..., An
 
 @pytest.mark.real_peer
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["wire"])  # Kimi's ACP says nothing of its context
+def test_real_wire_peer_says_how_full_its_context_is(protocol: str, real_peer: Callable[..., Any]) -> None:
+    events: List[AgentEvent] = []
+    with real_peer().conversation() as chat:
+        script = 'text: hi\nusage: {"input_other": 120, "output": 7}'
+        response = chat.complete(script, budget(), on_event=events.append)
+    assert (response.context_tokens, response.context_window) == (120, 100000)  # its max_context_size
+    assert (chat.context_tokens, chat.context_window) == (120, 100000)
+    assert UsageEvent(120, 7, 120, 100000) in events
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
 def test_real_wire_peer_with_reported_usage_loads_no_vocabulary(tmp_path: Path) -> None:
     require_peer()
     argv, env = kimi_echo.peer_command("wire", tmp_path)
@@ -2730,6 +2858,25 @@ def test_real_peer_tool_calls_run_when_approved(
     assert client.complete("please run it", budget()).content == "after the tool"
     assert marker.exists()
     assert len(seen) == 1
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_reports_a_tool_call_its_approval_and_its_end_as_events(
+    protocol: str, real_peer: Callable[..., Any], tmp_path: Path
+) -> None:
+    events: List[AgentEvent] = []
+    scripts = [tool_call(f"echo ran-{protocol}"), "text: after the tool"]
+    client = real_peer(scripts=scripts, approval="approve")
+    client.complete("please run it", budget(), on_event=events.append)
+    seen = [event for event in events if event.kind in ("tool_call", "approval", "tool_update", "text")]
+    call, approval = seen[0], seen[1]
+    assert isinstance(call, ToolCallEvent) and "Shell" in call.name
+    assert isinstance(approval, ApprovalEvent) and approval.decision == "approve"
+    updates = [event for event in seen if isinstance(event, ToolUpdateEvent)]
+    assert updates and {event.id for event in updates} == {call.id}
+    assert updates[-1].status == "completed" and f"ran-{protocol}" in updates[-1].output
+    assert seen[-1] == TextEvent("after the tool")
 
 
 @pytest.mark.real_peer
@@ -2933,6 +3080,14 @@ def test_acp_sdk_agent_answers_and_each_prompt_gets_its_own_session(sdk_agent: A
     first = sdk_agent._context.session
     assert sdk_agent.complete("again", budget()).content == "again"
     assert sdk_agent._context.session not in (None, first)
+
+
+@pytest.mark.real_peer
+def test_acp_sdk_agent_streams_its_answer_as_text_events(sdk_agent: AcpLlmClient) -> None:
+    events: List[AgentEvent] = []
+    response = sdk_agent.complete("events from a third-party agent", budget(), on_event=events.append)
+    texts = [event.text for event in events if isinstance(event, TextEvent)]
+    assert texts and "".join(texts) == response.content == "events from a third-party agent"
 
 
 @pytest.mark.real_peer
@@ -3513,6 +3668,30 @@ def test_cli_shows_that_the_agent_is_starting_only_on_a_terminal(terminal: bool)
     shown = stderr.getvalue()
     assert ("omk_llm: starting the agent (" in shown) is terminal
     assert ("\r\x1b[K" in shown) is terminal  # and the line is wiped once it is up
+
+
+def test_cli_events_prints_each_event_as_a_json_line_then_the_response() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "--events", "tool: Shell\ntool-done: ok\ntext: hi")
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    kinds = [line["kind"] for line in lines if line["kind"] != "other"]
+    assert (done.returncode, kinds) == (0, ["tool_call", "tool_update", "text", "response"])
+    assert lines[-1]["content"] == "hi" and lines[0]["kind"] != "response"
+    assert {"kind": "tool_call", "id": "tc-1", "name": "Shell", "arguments": "{}"} in lines
+
+
+def test_cli_events_is_for_one_prompt_not_a_batch() -> None:
+    done = run_cli("--command", FAKE_COMMAND, "--events", "--batch", "-")
+    assert done.returncode == 2 and "--events is for one prompt" in done.stderr
+
+
+def test_cli_on_a_terminal_shows_the_running_tool_and_wipes_it_when_it_ends() -> None:
+    stdout, stderr = io.StringIO(), _Terminal()
+    script = "tool: Shell\nsleep: 0.05\ntool-done: ok\ntext: hi"
+    code = omk_llm.main(["--command", FAKE_COMMAND, script], stdout=stdout, stderr=stderr)
+    assert (code, stdout.getvalue()) == (0, "hi\n")
+    shown = stderr.getvalue()
+    running = shown.index("omk_llm: running Shell ...")
+    assert "\r\x1b[K" in shown[running:]  # wiped once the tool ended
 
 
 def test_cli_help_says_what_timeout_and_max_tokens_cover() -> None:

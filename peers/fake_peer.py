@@ -22,9 +22,12 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     forget           (ACP) lose the session, as an agent restarted behind a proxy would
     history          say (as JSON) the earlier prompts this context holds, as the model got them
     tool: NAME       start a tool call (wire ToolCall, ACP tool_call)
+    tool-done: X     end that tool call with output X (wire ToolResult, ACP tool_call_update)
+    plan: A=S;B=S    the to-do list, Kimi's way (wire: a ToolResult's todo display; ACP: plan);
+                     S is pending, in_progress or done
     late: X          a text chunk sent just after the prompt's answer (as opencode does)
     acp-usage: {...} (ACP) the prompt answer's usage
-    context: N       (ACP) a usage_update saying N tokens are in the context
+    context: N       N tokens in the context, of 100000 (ACP usage_update, wire StatusUpdate)
     pause-input: S   stop reading input for S seconds once this prompt is read
     linger: S X      wait until cancelled, then S seconds more, then say X and end cancelled
     delayed-longline: S N   after S seconds (in the background) one line of N bytes
@@ -318,8 +321,37 @@ class Peer:
                 self.late.append(arg)
             elif command == "acp-usage":
                 self.acp_usage = json.loads(arg)
-            elif command == "context":
+            elif command == "context" and self.acp:
                 emit(self.event("", {"sessionUpdate": "usage_update", "used": int(arg), "size": 100000}))
+            elif command == "context":
+                emit(self.event("StatusUpdate", {"context_tokens": int(arg), "max_context_tokens": 100000}))
+            elif command == "tool-done" and self.acp:
+                content = [{"type": "content", "content": {"type": "text", "text": arg}}]
+                update = {"sessionUpdate": "tool_call_update", "toolCallId": "tc-1", "status": "completed"}
+                emit(self.event("", {**update, "content": content}))
+            elif command == "tool-done":
+                result = {"is_error": False, "output": arg, "message": "", "display": []}
+                emit(self.event("ToolResult", {"tool_call_id": "tc-1", "return_value": result}))
+            elif command == "plan":  # as Kimi does: its SetTodoList tool, then (ACP) the plan
+                todos = [item.split("=", 1) for item in arg.split(";")]
+                if self.acp:
+                    call = {"toolCallId": "tc-todo", "title": "SetTodoList", "status": "in_progress"}
+                    emit(self.event("", {"sessionUpdate": "tool_call", **call}))
+                    text = [{"type": "content", "content": {"type": "text", "text": "Todo updated"}}]
+                    update = {"toolCallId": "tc-todo", "status": "completed", "content": text}
+                    emit(self.event("", {"sessionUpdate": "tool_call_update", **update}))
+                    acp_status = {"done": "completed"}
+                    entries = [
+                        {"content": title, "priority": "medium", "status": acp_status.get(state, state)}
+                        for title, state in todos
+                    ]
+                    emit(self.event("", {"sessionUpdate": "plan", "entries": entries}))
+                else:
+                    function = {"name": "SetTodoList", "arguments": "{}"}
+                    emit(self.event("ToolCall", {"type": "function", "id": "tc-todo", "function": function}))
+                    display = [{"type": "todo", "items": [{"title": t, "status": s} for t, s in todos]}]
+                    result = {"is_error": False, "output": "", "message": "Todo updated", "display": display}
+                    emit(self.event("ToolResult", {"tool_call_id": "tc-todo", "return_value": result}))
             elif command == "request" and self.yolo:
                 emit(self.text_event(f"answered {arg}: yolo"))
             elif command == "request":
