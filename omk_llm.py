@@ -1126,6 +1126,7 @@ _STREAM_LINES = 16
 _STDERR_KEEP_LINES = 40
 _STDERR_LINE_CHARS = 500
 _LEGACY_SETTLE = 1.0  # after the legacy probe's answer, how long initialize's may still take
+_LEGACY_PROBE_ID = "omk-legacy-probe"
 
 
 def _ask_to_exit(proc: subprocess.Popen[bytes], grace: float) -> None:
@@ -1201,9 +1202,11 @@ class _ChildProcess:
         cwd: Optional[str],
         env: Optional[Mapping[str, str]],
         max_line_bytes: int,
+        recorder: Optional[_Recorder] = None,
     ) -> None:
         self.argv = list(argv)
         self._max_line = max_line_bytes
+        self._recorder = recorder
         try:
             self._proc = subprocess.Popen(
                 self.argv,
@@ -1254,6 +1257,8 @@ class _ChildProcess:
         self._finalizer = weakref.finalize(
             self, _end_child, self._proc, (self._wake_read, self._wake_write)
         )
+        if recorder is not None:
+            recorder.spawn(self.argv, self._proc.pid)
 
     @property
     def pid(self) -> int:
@@ -1415,6 +1420,8 @@ class _ChildProcess:
             ):
                 self._too_long(max(parts, key=len))
             self.lines.extend(parts)
+            if self._recorder is not None:
+                self._recorder.lines("s2c", parts)
         if len(self._partial) > self._max_line:
             self._too_long(bytes(self._partial[:200]))
 
@@ -1448,6 +1455,8 @@ class _ChildProcess:
             self._check_open()
             if self._eof or self._outbox:  # (a dead child's pipe refuses the write: EPIPE)
                 raise self.ended_error()
+            if self._recorder is not None:
+                self._recorder.lines("c2s", data.splitlines())
             self._outbox += data
             self._flush_outbox()
             if not self._outbox:
@@ -1510,6 +1519,209 @@ class _ChildProcess:
                 _ask_to_exit(self._proc, grace)
         finally:
             self._finalizer()  # runs _end_child once, whatever interrupted the wait
+
+
+class _Recorder:
+    """Writes every line both ways to a JSON Lines file, one record a line as the project's
+    fixtures are: ``{"t": seconds, "dir": "c2s" | "s2c", "msg": the message}`` (``"raw"``
+    instead of ``"msg"`` for a line that is not JSON), and ``{"dir": "meta", "msg": {"event":
+    "spawn", "cmd": argv, "pid": pid}}`` for each agent process started."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (close() closes it)
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def spawn(self, argv: Sequence[str], pid: int) -> None:
+        self._write({"dir": "meta", "msg": {"event": "spawn", "cmd": list(argv), "pid": pid}})
+
+    def lines(self, direction: str, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            try:
+                self._write({"dir": direction, "msg": json.loads(line)})
+            except ValueError:
+                if line.strip():
+                    self._write({"dir": direction, "raw": line.decode("utf-8", "replace")})
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        with self._lock:
+            if not self._file.closed:
+                stamped = {"t": round(time.monotonic() - self._started, 4), **record}
+                self._file.write(json.dumps(stamped, ensure_ascii=False) + "\n")
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class _Recording:
+    """A recording (``record=``, or one of the project's fixtures) to play back: the lines
+    of each agent process it started, in order."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.children: List[List[Dict[str, Any]]] = []
+        self.argv: List[str] = []
+        with open(path, encoding="utf-8") as file:
+            for number, text in enumerate(file, 1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                    direction = record["dir"]
+                except (ValueError, KeyError, TypeError):
+                    where = f"line {number} of the recording {path!r}"
+                    raise ParseError(text[:200], f"{where} is not a record") from None
+                meta = record.get("msg")
+                if direction == "meta" and isinstance(meta, dict):
+                    if meta.get("event") == "spawn":
+                        self.children.append([])
+                        self.argv = self.argv or [str(part) for part in meta.get("cmd") or []]
+                elif direction in ("c2s", "s2c"):
+                    if not self.children:
+                        self.children.append([])
+                    self.children[-1].append(record)
+        self._next = 0
+
+    def next_child(self, same_prompt: Callable[[str, str], bool]) -> _ReplayChild:
+        if self._next >= len(self.children):
+            raise PeerStartError(
+                f"the recording {self.path!r} holds {len(self.children)} agent process(es), all "
+                "used: the code under test started one more than the recorded session did"
+            )
+        self._next += 1
+        return _ReplayChild(self, self.children[self._next - 1], same_prompt)
+
+
+class _ReplayChild:
+    """Plays an agent process back from its recorded lines: each line the client writes is
+    matched with the next recorded one (the method, and a prompt's text), and what the
+    agent said after that line, up to the client's next, is then there to read. Request
+    ids are mapped, so a recording made by another client plays back too. ``same_prompt``
+    says whether a recorded prompt's text and the one sent are the same prompt."""
+
+    def __init__(
+        self, recording: _Recording, records: List[Dict[str, Any]], same_prompt: Callable[[str, str], bool]
+    ) -> None:
+        self._recording = recording
+        self._same_prompt = same_prompt
+        self._records = collections.deque(records)
+        self._ids: Dict[Any, Any] = {}  # recorded id -> the id the client sent
+        self.lines: Deque[bytes] = collections.deque()
+        self.pid = 0
+        self.closed = False
+        self.woken = False
+        self._release()  # what the agent said before it was asked anything
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed
+
+    def stderr_tail(self) -> List[str]:
+        return []
+
+    def wake(self) -> None:
+        self.woken = True
+
+    def close(self, grace: float = 2.0) -> None:
+        self.closed = True
+
+    def write(self, data: bytes, timeout: float) -> None:
+        if self.closed:
+            raise LlmError("the replayed agent process was closed")
+        for line in data.splitlines():
+            self._take(json.loads(line))
+
+    def read_line(self, deadline: float) -> Optional[bytes]:
+        while not self.lines:
+            if self.closed:
+                raise TransientNetworkError("the replayed agent process was closed")
+            if self.woken:
+                self.woken = False
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            time.sleep(min(remaining, 0.01))  # the recording says nothing until asked again
+        return self.lines.popleft()
+
+    def _take(self, sent: Dict[str, Any]) -> None:
+        if not (self._records and self._records[0]["dir"] == "c2s"):
+            if sent.get("id") == _LEGACY_PROBE_ID:
+                return  # our own probe for older agents: a recording by another client lacks it
+            raise self._diverged(sent, None)
+        recorded = self._records[0].get("msg")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        if sent.get("id") == _LEGACY_PROBE_ID and recorded.get("id") != _LEGACY_PROBE_ID:
+            return
+        recorded_text, sent_text = _prompt_text(recorded), _prompt_text(sent)
+        same_text = recorded_text == sent_text or (
+            None not in (recorded_text, sent_text) and self._same_prompt(str(recorded_text), str(sent_text))
+        )
+        if recorded.get("method") != sent.get("method") or not same_text:
+            raise self._diverged(sent, recorded)
+        self._records.popleft()
+        if "method" in sent and "id" in sent and "id" in recorded:
+            self._ids[recorded["id"]] = sent["id"]
+        self._release()
+
+    def _release(self) -> None:
+        while self._records and self._records[0]["dir"] == "s2c":
+            record = self._records.popleft()
+            message = record.get("msg")
+            if isinstance(message, dict) and "method" not in message and message.get("id") in self._ids:
+                message = {**message, "id": self._ids[message["id"]]}
+            line = record["raw"] if "raw" in record else json.dumps(message, ensure_ascii=False)
+            self.lines.append(line.encode("utf-8"))
+
+    def _diverged(self, sent: Dict[str, Any], recorded: Optional[Dict[str, Any]]) -> LlmError:
+        def what(message: Optional[Dict[str, Any]]) -> str:
+            if message is None:
+                return "nothing more from the client"
+            name = message.get("method") or f"an answer to {message.get('id')!r}"
+            text = _prompt_text(message)
+            return f"{name} {text!r}" if text is not None else str(name)
+
+        return LlmError(
+            f"the replay of {self._recording.path!r} diverged: the client sent {what(sent)} where "
+            f"the recording has {what(recorded)}. The code under test no longer does what "
+            "it did when the session was recorded: record it again"
+        )
+
+
+class _Child(Protocol):
+    """What a transport uses of its agent process: a real one, or a replayed one."""
+
+    lines: Deque[bytes]
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def write(self, data: bytes, timeout: float) -> None: ...
+
+    def read_line(self, deadline: float) -> Optional[bytes]: ...
+
+    def wake(self) -> None: ...
+
+    def close(self, grace: float = 2.0) -> None: ...
+
+    def stderr_tail(self) -> List[str]: ...
+
+
+def _prompt_text(message: Mapping[str, Any]) -> Optional[str]:
+    """A prompt message's text (wire ``prompt``, ACP ``session/prompt``), else None."""
+    params = message.get("params")
+    if not isinstance(params, dict) or message.get("method") not in ("prompt", "session/prompt"):
+        return None
+    parts = params.get("user_input", params.get("prompt"))
+    if isinstance(parts, str):
+        return parts
+    texts = [part.get("text") for part in parts or [] if isinstance(part, dict)]
+    return "".join(text for text in texts if isinstance(text, str))
 
 
 def _require_posix(what: str, os_name: str = os.name) -> None:
@@ -1641,6 +1853,7 @@ class _JsonRpcStdio:
         startup_timeout: float = 30.0,
         write_timeout: float = 30.0,
         max_line_bytes: int = MAX_LINE_BYTES,
+        record: Optional[str] = None,
     ) -> None:
         if isinstance(argv, str):
             raise TypeError("argv must be a sequence of strings, not one string; use shlex.split")
@@ -1653,12 +1866,32 @@ class _JsonRpcStdio:
         self.startup_timeout = startup_timeout
         self.write_timeout = write_timeout
         self.max_line_bytes = max_line_bytes
-        self._child: Optional[_ChildProcess] = None
+        self._child: Optional[_Child] = None
         self._closed = False
         self._ids = itertools.count(1)
         self.generation = 0  # how many children were started: a new one has no session
         self.peer_info: Any = None
         self.deadline: Optional[float] = None
+        self._recorder = None if record is None else _Recorder(record)
+        self._replay: Optional[_Recording] = None
+
+    @classmethod
+    def replay(cls: Type[T], recording: str, **options: Any) -> T:
+        """A transport that plays back ``recording`` (made with ``record=``, or one of the
+        project's fixtures) instead of starting an agent: for a user's own tests, against
+        what a real agent said. The client must send what was sent when it was recorded;
+        where it does not, the call fails with an LlmError that says where."""
+        played = _Recording(recording)
+        transport = cls(played.argv or ["replay", recording], **options)  # type: ignore[call-arg]
+        transport._replay = played  # type: ignore[attr-defined]
+        return transport
+
+    def _spawn(self) -> _Child:
+        if self._replay is not None:
+            return self._replay.next_child(self._same_prompt)
+        return _ChildProcess(
+            self.argv, cwd=self.cwd, env=self.env, max_line_bytes=self.max_line_bytes, recorder=self._recorder
+        )
 
     # -- life cycle --
 
@@ -1712,8 +1945,12 @@ class _JsonRpcStdio:
         """Close the child's input, wait briefly, then end its process group and reap it."""
         self._closed = True
         child, self._child = self._child, None
-        if child is not None:
-            child.close()
+        try:
+            if child is not None:
+                child.close()
+        finally:
+            if self._recorder is not None:
+                self._recorder.close()
 
     def __enter__(self: T) -> T:
         return self
@@ -1721,7 +1958,7 @@ class _JsonRpcStdio:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _live_child(self) -> _ChildProcess:
+    def _live_child(self) -> _Child:
         if self._closed:
             raise LlmError(f"this {type(self).__name__} was closed; create a new one")
         child = self._child
@@ -1731,7 +1968,7 @@ class _JsonRpcStdio:
             logger.info("agent process %d ended; starting a new one", child.pid)
             self.reset()
         timeout = self.time_left(self.startup_timeout, "the agent could start")
-        child = _ChildProcess(self.argv, cwd=self.cwd, env=self.env, max_line_bytes=self.max_line_bytes)
+        child = self._spawn()
         self._child = child
         if self._closed:  # close() from another thread (a pool's abort) while it started
             self.reset()
@@ -1755,7 +1992,12 @@ class _JsonRpcStdio:
     def _initialize_params(self) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def _handshake(self, child: _ChildProcess, timeout: float) -> Any:
+    def _same_prompt(self, recorded: str, sent: str) -> bool:
+        """Whether a replayed prompt is the recorded one though its text differs (for a
+        prompt of the client's own that carries a random part)."""
+        return False
+
+    def _handshake(self, child: _Child, timeout: float) -> Any:
         """Send initialize and wait for its answer: the peer's only "ready" signal."""
         request_id = self.next_id()
         initialize = {"jsonrpc": "2.0", "id": request_id, "method": "initialize"}
@@ -1856,7 +2098,7 @@ class _JsonRpcStdio:
                 return message
 
     def _await_response(
-        self, child: _ChildProcess, request_id: Any, timeout: float, what: str, sent: bytes
+        self, child: _Child, request_id: Any, timeout: float, what: str, sent: bytes
     ) -> Optional[Union[SuccessResponse, ErrorResponse]]:
         """Read until the response to ``request_id`` (sent as the line ``sent``) during
         start-up, keeping what else the child printed for the error message. None: the peer
@@ -1923,7 +2165,7 @@ class _JsonRpcStdio:
                     _dumps({"jsonrpc": "2.0", "id": message.id, "error": refusal}), self.write_timeout
                 )
 
-    def _start_error(self, child: _ChildProcess, stray: List[bytes], what: str) -> PeerStartError:
+    def _start_error(self, child: _Child, stray: List[bytes], what: str) -> PeerStartError:
         # read_line only reports the end once every line was read, so stray has them all
         printed = [line.decode("utf-8", "replace") for line in stray[:5]]
         text = "\n  ".join(printed)
@@ -2829,6 +3071,7 @@ class StdioWire(_JsonRpcStdio):
         startup_timeout: float = 30.0,
         write_timeout: float = 30.0,
         max_line_bytes: int = MAX_LINE_BYTES,
+        record: Optional[str] = None,
     ) -> None:
         super().__init__(
             argv,
@@ -2837,6 +3080,7 @@ class StdioWire(_JsonRpcStdio):
             startup_timeout=startup_timeout,
             write_timeout=write_timeout,
             max_line_bytes=max_line_bytes,
+            record=record,
         )
 
     def _initialize_params(self) -> Dict[str, Any]:
@@ -2862,7 +3106,10 @@ class StdioWire(_JsonRpcStdio):
 
     def _legacy_probe(self) -> Optional[Dict[str, Any]]:
         # kimi-cli 0.59-0.78 drop initialize unanswered but answer a cancel (-32000)
-        return {"jsonrpc": "2.0", "id": "omk-legacy-probe", "method": "cancel"}
+        return {"jsonrpc": "2.0", "id": _LEGACY_PROBE_ID, "method": "cancel"}
+
+    def _same_prompt(self, recorded: str, sent: str) -> bool:
+        return all(re.match(_SESSION_PROBE, text) for text in (recorded, sent))  # a fresh random id
 
     def _other_protocol(self, answer: Union[SuccessResponse, ErrorResponse]) -> str:
         # An ACP agent answers protocolVersion, or refuses our params (Kimi's: -32602, as
@@ -3180,6 +3427,7 @@ class AcpStdio(_JsonRpcStdio):
         startup_timeout: float = 30.0,
         write_timeout: float = 30.0,
         max_line_bytes: int = MAX_LINE_BYTES,
+        record: Optional[str] = None,
     ) -> None:
         super().__init__(
             argv,
@@ -3188,6 +3436,7 @@ class AcpStdio(_JsonRpcStdio):
             startup_timeout=startup_timeout,
             write_timeout=write_timeout,
             max_line_bytes=max_line_bytes,
+            record=record,
         )
         self.session_cwd = session_cwd
         self.session_id: Optional[str] = None

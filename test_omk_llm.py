@@ -1285,6 +1285,92 @@ def test_a_dead_child_is_replaced_before_the_next_send() -> None:
         assert wire.generation == 2
 
 
+# ---- record and replay -----------------------------------------------------------------
+
+TRANSPORTS: dict = {"wire": StdioWire, "acp": AcpStdio}
+
+
+def fake_command(protocol: str) -> List[str]:
+    return [sys.executable, FAKE_PEER] + (["--acp"] if protocol == "acp" else [])
+
+
+def record_a_session(protocol: str, path: Path) -> List[str]:
+    """Two prompts (the second runs a tool) through the fake peer, recorded to ``path``."""
+    transport = TRANSPORTS[protocol](fake_command(protocol), record=str(path), startup_timeout=10.0)
+    with CLIENTS[protocol](transport, config()) as client:
+        return [client.complete(prompt, budget()).content for prompt in TWO_PROMPTS]
+
+
+TWO_PROMPTS = ["text: one", "tool: Shell\ntool-done: ok\ntext: two"]
+
+
+def test_a_recording_holds_every_line_both_ways_as_the_fixtures_do(protocol: str, tmp_path: Path) -> None:
+    recording = tmp_path / "session.jsonl"
+    record_a_session(protocol, recording)
+    records = [json.loads(line) for line in recording.read_text().splitlines()]
+    assert records[0]["dir"] == "meta" and records[0]["msg"]["event"] == "spawn"
+    assert records[0]["msg"]["cmd"] == fake_command(protocol)
+    sent = [r["msg"] for r in records if r["dir"] == "c2s"]
+    assert sent[0]["method"] == "initialize"
+    assert [omk_llm._prompt_text(m) for m in sent if omk_llm._prompt_text(m) in TWO_PROMPTS] == TWO_PROMPTS
+    assert all(isinstance(r["t"], float) and r["dir"] in ("meta", "c2s", "s2c") for r in records)
+
+
+def test_a_recorded_session_replays_without_the_agent(protocol: str, tmp_path: Path) -> None:
+    recording = tmp_path / "session.jsonl"
+    answers = record_a_session(protocol, recording)
+    events: List[AgentEvent] = []
+    fds = open_fds()
+    with CLIENTS[protocol](TRANSPORTS[protocol].replay(str(recording)), config()) as client:
+        replayed = [client.complete(TWO_PROMPTS[0], budget()).content]
+        replayed.append(client.complete(TWO_PROMPTS[1], budget(), on_event=events.append).content)
+        assert client.transport.pid == 0  # no process was started
+    assert replayed == answers == ["one", "two"]
+    assert [event.kind for event in events if event.kind != "other"] == ["tool_call", "tool_update", "text"]
+    assert open_fds() == fds
+
+
+def test_a_replay_that_diverges_from_its_recording_says_where(protocol: str, tmp_path: Path) -> None:
+    recording = tmp_path / "session.jsonl"
+    record_a_session(protocol, recording)
+    diverged = r"diverged: the client sent .*'text: changed' where the recording has"
+    with (
+        CLIENTS[protocol](TRANSPORTS[protocol].replay(str(recording)), config()) as client,
+        pytest.raises(LlmError, match=diverged),
+    ):
+        client.complete("text: changed", budget())
+
+
+def test_a_recording_that_is_not_one_is_a_clear_error(tmp_path: Path) -> None:
+    recording = tmp_path / "notes.txt"
+    recording.write_text("some notes\n")
+    with pytest.raises(ParseError, match=r"line 1 of the recording .* is not a record"):
+        StdioWire.replay(str(recording))
+
+
+def test_a_real_kimi_wire_fixture_replays_through_a_conversation() -> None:
+    decisions = ["approve", "reject"]
+    transport = StdioWire.replay(str(FIXTURES / "kimi-wire-1.10" / "scripted_approvals.jsonl"))
+    client = WireLlmClient(transport, config(), approval=lambda request: decisions.pop(0))
+    with client, client.conversation() as chat:
+        first = chat.complete("please run a command", budget())
+        second = chat.complete("run another", budget())
+    assert (first.content, second.content) == ("step oneafter approve", "after reject (should this appear?)")
+
+
+def test_a_real_kimi_acp_fixture_replays_with_its_plan_and_thinking() -> None:
+    events: List[AgentEvent] = []
+    transport = AcpStdio.replay(str(FIXTURES / "kimi-acp-1" / "main.jsonl"))
+    client = AcpLlmClient(transport, config(), approval="approve")
+    with client, client.conversation() as chat:
+        hello = chat.complete("(scripted) say hello with thinking", budget())
+        ran = chat.complete("(scripted) run echo approved-run", budget(), on_event=events.append)
+    assert (hello.content, hello.thinking) == ("Hello, world!", "The user wants a greeting.")
+    assert ran.content == "I will run a command.The command printed approved-run."
+    plan = (PlanEntry("Run the command", "completed"), PlanEntry("Report the output", "in_progress"))
+    assert PlanEvent(plan) in events
+
+
 def test_next_message_takes_what_has_come_without_waiting_or_raising() -> None:
     with fake_wire() as wire:
         wire.start()
@@ -2858,6 +2944,23 @@ def test_real_peer_tool_calls_run_when_approved(
     assert client.complete("please run it", budget()).content == "after the tool"
     assert marker.exists()
     assert len(seen) == 1
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_session_is_recorded_and_replays_without_the_agent(protocol: str, tmp_path: Path) -> None:
+    require_peer()
+    argv, env = kimi_echo.peer_command(protocol, tmp_path / "home")
+    recording = tmp_path / "kimi.jsonl"
+    transport = TRANSPORTS[protocol](argv, env=env, startup_timeout=60, record=str(recording))
+    prompts = ["text: one", "text: two"]  # over wire the second is cleared for, and probed
+    with CLIENTS[protocol](transport, config(timeout=30)) as client:
+        answers = [client.complete(prompt, budget()).content for prompt in prompts]
+    with CLIENTS[protocol](TRANSPORTS[protocol].replay(str(recording)), config(timeout=30)) as client:
+        started = time.monotonic()
+        replayed = [client.complete(prompt, budget()).content for prompt in prompts]
+        assert time.monotonic() - started < 2.0  # no agent to start
+    assert replayed == answers == ["one", "two"]
 
 
 @pytest.mark.real_peer
