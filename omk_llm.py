@@ -1887,11 +1887,16 @@ class _JsonRpcStdio:
         return transport
 
     def _spawn(self) -> _Child:
+        argv = self._next_argv()
         if self._replay is not None:
             return self._replay.next_child(self._same_prompt)
         return _ChildProcess(
-            self.argv, cwd=self.cwd, env=self.env, max_line_bytes=self.max_line_bytes, recorder=self._recorder
+            argv, cwd=self.cwd, env=self.env, max_line_bytes=self.max_line_bytes, recorder=self._recorder
         )
+
+    def _next_argv(self) -> Sequence[str]:
+        """The command line of the next agent process."""
+        return self.argv
 
     # -- life cycle --
 
@@ -2263,6 +2268,29 @@ def _kimi_session_dir(env: Optional[Mapping[str, str]], work_dir: str, session_i
     return folder if os.path.isdir(folder) else None
 
 
+def _kimi_history(folder: str) -> Tuple[int, int]:
+    """The turns in a Kimi session's saved context, and how many of them got no answer
+    (a user message with no assistant message after it: a failed turn)."""
+    turns = unanswered = 0
+    answered = True
+    try:
+        with open(os.path.join(folder, "context.jsonl"), encoding="utf-8") as file:
+            for line in file:
+                try:
+                    role = json.loads(line).get("role")
+                except (ValueError, AttributeError):
+                    continue
+                if role == "user":
+                    turns += 1
+                    unanswered += 0 if answered else 1
+                    answered = False
+                elif role == "assistant":
+                    answered = True
+    except OSError:
+        return 0, 0  # no context yet: an empty session
+    return turns, unanswered + (0 if answered else 1)
+
+
 def _remove_cleared_contexts(folder: str) -> None:
     """Kimi's /clear keeps the cleared context as context_N.jsonl (16 KiB each, and its next
     /clear lists them all): the ones our clears made are of no use to anyone."""
@@ -2299,6 +2327,8 @@ class _Context:
         self.history_tokens = 0  # what its history costs each later turn, as best known
         self.context_tokens: Optional[int] = None  # the agent's report after the last turn
         self.context_window: Optional[int] = None
+        self.resume: Optional[str] = None  # a saved session to open before the first turn
+        self.resume_turns = 0  # how many turns its history holds (-1: not known)
         self.closed = False
 
     def follow(self, generation: int) -> bool:
@@ -2440,6 +2470,11 @@ def _counts(usage: Mapping[str, Any], keys: Sequence[str]) -> Optional[List[int]
     return counts
 
 
+def _object(value: Any) -> Dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def _count(report: Mapping[str, Any], key: str) -> Optional[int]:
     """The count under ``key``, or None when it is missing, null or not a count."""
     value = report.get(key)
@@ -2538,9 +2573,27 @@ class _AgentLlmClient(_TurnCalls):
 
     # -- what users call, besides _TurnCalls --
 
-    def conversation(self) -> Conversation:
-        """A conversation: its turns share the agent's history. Use it as a context manager."""
-        return Conversation(self, self._open_context())
+    def conversation(self, resume: Optional[str] = None) -> Conversation:
+        """A conversation: its turns share the agent's history. Use it as a context manager.
+
+        ``resume`` picks up a saved session, by the ``session_id`` of an earlier
+        conversation (of this process or another), with its history. A session the agent
+        cannot resume, or whose history holds a failed turn, is an LlmError that says so
+        (over wire now; over ACP at the first turn, when the agent is asked)."""
+        context = self._open_context()
+        if resume is not None:
+            try:
+                context.resume_turns = self._check_resumable(resume)
+            except BaseException:
+                self._close_context(context)
+                raise
+            context.resume = resume
+            context.turns = max(context.resume_turns, 0)  # known now over wire, at the load over ACP
+        return Conversation(self, context)
+
+    def _check_resumable(self, session_id: str) -> int:
+        """Refuse a session that cannot be resumed; how many turns it holds (-1: unknown)."""
+        return -1
 
     def cancel(self) -> None:
         """Cancel the running turn, from any thread: its call raises TurnCancelledError
@@ -3009,8 +3062,12 @@ class Conversation(_TurnCalls):
 
     @property
     def session_id(self) -> Optional[str]:
-        """The agent's session id (ACP), once the first turn opened it."""
-        return self._context.session
+        """The agent's session, to resume later with ``client.conversation(resume=...)``:
+        ACP's session id, or the Kimi session of a wire agent (learnt at the first turn);
+        None before, and while the last turn stands failed (that session holds it; the next
+        turn starts afresh)."""
+        context = self._context
+        return context.resume or (None if context.failed else context.session)
 
     @property
     def turns(self) -> int:
@@ -3082,6 +3139,7 @@ class StdioWire(_JsonRpcStdio):
             max_line_bytes=max_line_bytes,
             record=record,
         )
+        self.resume_next: Optional[str] = None  # a Kimi session the next agent process opens
 
     def _initialize_params(self) -> Dict[str, Any]:
         return {
@@ -3110,6 +3168,10 @@ class StdioWire(_JsonRpcStdio):
 
     def _same_prompt(self, recorded: str, sent: str) -> bool:
         return all(re.match(_SESSION_PROBE, text) for text in (recorded, sent))  # a fresh random id
+
+    def _next_argv(self) -> Sequence[str]:
+        resume, self.resume_next = self.resume_next, None
+        return self.argv if resume is None else (*self.argv, "--session", resume)
 
     def _other_protocol(self, answer: Union[SuccessResponse, ErrorResponse]) -> str:
         # An ACP agent answers protocolVersion, or refuses our params (Kimi's: -32602, as
@@ -3202,8 +3264,9 @@ class WireLlmClient(_AgentLlmClient):
         self._occupant: Optional[_Context] = None  # the context the agent process holds
         self._occupant_generation = -1
         self._sends_turn_begin = False  # learnt from the peer: then events before it are stale
-        self._session_dir: Optional[str] = None  # Kimi's folder for this agent's session
-        self._session_dir_generation = -1
+        # this agent process's Kimi session: its id and folder, as the probe said
+        self._session: Tuple[Optional[str], Optional[str]] = (None, None)
+        self._session_generation = -1
 
     def _is_kimi(self) -> bool:
         return True  # the wire protocol is Kimi CLI's own
@@ -3237,10 +3300,20 @@ class WireLlmClient(_AgentLlmClient):
         return int(getattr(self.wire, "generation", 0))
 
     def _prepare(self, context: _Context, deadline: float) -> None:
+        if context.resume is not None:  # a new agent process on that session
+            if not isinstance(self.wire, StdioWire):
+                raise LlmError("resuming a session over wire needs a StdioWire transport (it restarts Kimi)")
+            self.wire.resume_next = context.resume
+            self.wire.reset()
         generation = self._generation()
         if self._occupant_generation != generation:  # a new agent process: nothing in it
             self._occupant, self._occupant_generation = None, generation
-        context.follow(generation)
+        if context.resume is not None:
+            context.generation, context.session, context.resume = generation, context.resume, None
+            context.turns = 1 if context.resume_turns < 0 else context.resume_turns
+            self._occupant = context
+        if context.follow(generation):
+            context.session = None
         fresh = context.failed or not context.keep_history or context.turns == 0
         if self._occupant is not None and (self._occupant is not context or fresh):
             self._discard_stale()  # a late request must not be answered inside the /clear
@@ -3249,35 +3322,65 @@ class WireLlmClient(_AgentLlmClient):
             else:
                 self.wire.reset()
                 self._occupant_generation = context.generation = self._generation()
+                context.session = None
         self._occupant = context
         context.failed = False
+        if context.keep_history and context.session is None:
+            context.session = self._agent_session(self._occupant_generation, deadline)[0]
         self._discard_stale()
 
-    def _tidy_after_clear(self, generation: int, deadline: float) -> None:
-        if self._session_dir_generation != generation:
-            self._session_dir_generation = generation
-            self._session_dir = self._probe_session_dir(deadline)
-        if self._session_dir is not None:
-            _remove_cleared_contexts(self._session_dir)
+    def _check_resumable(self, session_id: str) -> int:
+        argv = list(getattr(self.wire, "argv", ()))
+        work_dir = getattr(self.wire, "cwd", None) or os.getcwd()
+        for flag in ("--work-dir", "-w"):
+            if flag in argv[:-1]:
+                work_dir = argv[argv.index(flag) + 1]
+        work_dir = os.path.abspath(work_dir)
+        folder = _kimi_session_dir(getattr(self.wire, "env", None), work_dir, session_id)
+        if folder is None:
+            raise LlmError(
+                f"Kimi has no session {session_id!r} for the working directory {work_dir!r}: "
+                "check the id, and that the agent runs in the folder (and KIMI_SHARE_DIR) it had"
+            )
+        turns, unanswered = _kimi_history(folder)
+        if unanswered:
+            raise LlmError(
+                f"the session {session_id!r} holds {unanswered} turn(s) that got no answer (failed "
+                "turns): resuming it would put them back into the history; start a new conversation"
+            )
+        return turns
 
-    def _probe_session_dir(self, deadline: float) -> Optional[str]:
+    def _tidy_after_clear(self, generation: int, deadline: float) -> None:
+        folder = self._agent_session(generation, deadline)[1]
+        if folder is not None:
+            _remove_cleared_contexts(folder)
+
+    def _agent_session(self, generation: int, deadline: float) -> Tuple[Optional[str], Optional[str]]:
+        """The agent process's Kimi session: its id and folder (None where not known),
+        asked once a process."""
+        if self._session_generation != generation:
+            self._session_generation = generation
+            self._session = self._probe_session(deadline)
+        return self._session
+
+    def _probe_session(self, deadline: float) -> Tuple[Optional[str], Optional[str]]:
         """Ask Kimi which session it runs (its UserPromptSubmit hook says, for the probe
-        prompt, which the client then blocks); None when it cannot say."""
+        prompt, which the client then blocks): its id and folder, None where it cannot say."""
         info = getattr(self.wire, "peer_info", None)
         hooks = info.get("hooks") if isinstance(info, dict) else None
         configured = hooks.get("configured") if isinstance(hooks, dict) else None
         if not isinstance(configured, dict) or not configured.get("UserPromptSubmit"):
-            return None  # it did not take our hook: the probe would reach the model
+            return None, None  # it did not take our hook: the probe would reach the model
         turn = _Turn(self._context, None, "", 0, None)
         try:
             self._run(turn, f"omk_llm session probe {os.urandom(8).hex()}", deadline)
         except LlmError as err:
             logger.info("could not learn the agent's session (%s)", err)
-            return None
+            return None, None
         if not turn.probed:
-            return None
+            return None, None
         session_id, work_dir = turn.probed
-        return _kimi_session_dir(getattr(self.wire, "env", None), work_dir, session_id)
+        return session_id, _kimi_session_dir(getattr(self.wire, "env", None), work_dir, session_id)
 
     def _start(self, context: _Context, prompt: PromptText) -> Any:
         return self.wire.start_prompt(prompt)
@@ -3474,28 +3577,69 @@ class AcpStdio(_JsonRpcStdio):
 
     def new_session(self) -> str:
         """Open a new session (starting the agent if it is not running) and return its id."""
+        result = self._session_request("session/new", {"cwd": self.session_work_dir(), "mcpServers": []})
+        session_id = result.get("sessionId")
+        if not isinstance(session_id, str):
+            raise ParseError(json.dumps(result), "session/new gave no sessionId")
+        return session_id
+
+    def load_session(self, session_id: str) -> int:
+        """Open the saved session ``session_id`` with its history (``session/load``, or
+        ``session/resume`` where the agent offers only that), starting the agent if needed,
+        and return how many turns its history holds (-1: the agent did not say). A session
+        the agent cannot open, or whose history holds a turn that got no answer (a failed
+        turn), is an LlmError that says so."""
+        self._live_child()
+        offers = _object(_object(self.peer_info).get("agentCapabilities"))
+        if offers.get("loadSession") is True:
+            method = "session/load"
+        elif isinstance(_object(offers.get("sessionCapabilities")).get("resume"), dict):
+            method = "session/resume"
+        else:
+            raise LlmError(
+                f"the agent ({self.peer_name or shlex.join(self.argv)}) cannot resume a session: its "
+                "initialize offers neither session/load nor session/resume; start a new conversation"
+            )
+        history = _History()
+        params = {"sessionId": session_id, "cwd": self.session_work_dir(), "mcpServers": []}
+        try:
+            self._session_request(method, params, on_event=lambda event: history.take(event, session_id))
+        except (TransientNetworkError, WireProtocolError) as err:
+            if "session not found" not in str(err).lower() and "invalid params" not in str(err).lower():
+                raise
+            raise LlmError(
+                f"the agent has no session {session_id!r} to resume for the working directory "
+                f"{self.session_work_dir()!r} ({err}); check the id and the agent's cwd"
+            ) from None
+        history.check(session_id)
+        return history.turns if method == "session/load" else -1
+
+    def _session_request(
+        self, method: str, params: Dict[str, Any], on_event: Optional[Callable[[Event], None]] = None
+    ) -> Dict[str, Any]:
+        """Send a session request and wait for its result within ``startup_timeout``,
+        refusing the agent's requests meanwhile and giving its notifications to ``on_event``."""
         self._live_child()
         timeout = self.time_left(self.startup_timeout, "a session could open")
-        request_id = self.send_request("session/new", {"cwd": self.session_work_dir(), "mcpServers": []})
+        request_id = self.send_request(method, params)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LlmTimeoutError(timeout, f"the agent did not answer session/new within {timeout:g} s")
+                raise LlmTimeoutError(timeout, f"the agent did not answer {method} within {timeout:g} s")
             try:
                 message = self.read_message(remaining)
             except LlmTimeoutError:
                 continue  # woken by cancel(), or the deadline: the check above decides
             if isinstance(message, Request):
                 self.send_error(message.id, -32601, "omk_llm has no session yet")
-            elif isinstance(message, (SuccessResponse, ErrorResponse)) and message.id == request_id:
+            elif isinstance(message, Event):
+                if on_event is not None:
+                    on_event(message)
+            elif message.id == request_id:
                 if isinstance(message, ErrorResponse):
                     raise self.error_for(message)
-                result = message.result if isinstance(message.result, dict) else {}
-                session_id = result.get("sessionId")
-                if not isinstance(session_id, str):
-                    raise ParseError(json.dumps(message.result), "session/new gave no sessionId")
-                return session_id
+                return message.result if isinstance(message.result, dict) else {}
 
     def session_work_dir(self) -> str:
         """The working directory sessions are opened in (absolute)."""
@@ -3587,6 +3731,11 @@ class AcpLlmClient(_AgentLlmClient):
                 folder = _kimi_session_dir(self.acp.env, self.acp.session_work_dir(), context.session)
                 if folder is not None:
                     _remove_cleared_contexts(folder)
+        if context.session is None and context.resume is not None:
+            turns = self.acp.load_session(context.resume)
+            context.session, context.resume = context.resume, None
+            context.turns = 1 if turns < 0 else turns  # unknown: has history, as far as we know
+            context.generation = self.acp.generation
         if context.session is None:
             context.session = self.acp.new_session()
             context.generation = self.acp.generation
@@ -3693,6 +3842,38 @@ class AcpLlmClient(_AgentLlmClient):
                 "provider error (Kimi logs it under $KIMI_SHARE_DIR/logs, by default ~/.kimi/logs)"
             )
         turn.finish_reason = _ACP_STOP.get(reason, reason)
+
+
+class _History:
+    """The turns an ACP ``session/load`` replays: a turn is the user's message and what came
+    after it; one with nothing after it got no answer (Kimi's sign of a failed turn)."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.unanswered = 0
+        self._answered = True
+        self._in_user_message = False
+
+    def take(self, event: Event, session_id: str) -> None:
+        payload = _object(event.payload)
+        if event.type != "session/update" or payload.get("sessionId") != session_id:
+            return
+        kind = _object(payload.get("update")).get("sessionUpdate")
+        if kind == "user_message_chunk":
+            if not self._in_user_message:
+                self.turns += 1
+                self.unanswered += 0 if self._answered else 1
+                self._answered, self._in_user_message = False, True
+        elif kind not in _ACP_SESSION_NEWS:
+            self._answered, self._in_user_message = True, False
+
+    def check(self, session_id: str) -> None:
+        unanswered = self.unanswered + (0 if self._answered else 1)
+        if unanswered:
+            raise LlmError(
+                f"the session {session_id!r} holds {unanswered} turn(s) that got no answer (failed "
+                "turns): resuming it would put them back into the history; start a new conversation"
+            )
 
 
 def _acp_plan(update: Dict[str, Any]) -> PlanEvent:

@@ -1436,7 +1436,7 @@ def test_a_half_written_prompt_ends_its_agent_and_never_reaches_the_next_prompt(
             with pytest.raises(LlmTimeoutError, match="read none of our input"):
                 chat.complete("text: two" + HUGE, budget())
         assert chat.complete("text: three", budget()).content == "three"  # not "twothree"
-        assert first is not None and not pid_alive(first)
+        assert first is not None and ended(first)
 
 
 def test_a_long_line_read_while_a_write_waits_is_a_parse_error(protocol: str) -> None:
@@ -1738,6 +1738,27 @@ def test_the_response_and_the_conversation_say_how_full_the_context_is(protocol:
             response = chat.complete("context: 1234\ntext: hi", budget())
             assert (response.context_tokens, response.context_window) == (1234, 100000)
             assert (chat.context_tokens, chat.context_window) == (1234, 100000)
+
+
+def test_an_acp_agent_that_cannot_load_sessions_says_so_when_resumed() -> None:
+    with (
+        acp_client() as client,
+        client.conversation(resume="s-1") as chat,
+        pytest.raises(LlmError, match="cannot resume a session: its initialize offers neither"),
+    ):
+        chat.complete("text: hi", budget())
+
+
+def test_a_conversations_session_id_is_none_while_its_last_turn_stands_failed() -> None:
+    failing = acp_client("--fail-first", "2", config=config(retry=NO_RETRY))
+    with failing as client, client.conversation() as chat:
+        with pytest.raises(TransientNetworkError):
+            chat.complete("text: one", budget())
+        assert chat.session_id is None
+        with pytest.raises(TransientNetworkError):
+            chat.complete("text: two", budget())
+        assert chat.complete("text: three", budget()).content == "three"
+        assert chat.session_id is not None
 
 
 def test_the_mock_gives_on_event_its_answer_as_text() -> None:
@@ -3101,6 +3122,63 @@ def test_real_peer_a_conversation_keeps_its_history(protocol: str, real_peer: Ca
         assert chat.complete("text: fresh", budget()).content == "fresh"  # the failed turn is gone
         assert chat.turns == 1
     assert client.complete("text: after", budget()).content == "after"
+
+
+def kimi_contexts(home: Path) -> List[List[str]]:
+    """The roles in each of Kimi's saved session contexts under ``home``."""
+    return [
+        [json.loads(line).get("role") for line in path.read_text().splitlines()]
+        for path in sorted(home.rglob("sessions/*/*/context.jsonl"))
+    ]
+
+
+def kimi_client(protocol: str, home: Path, retry: RetryPolicy = FAST_RETRY) -> Any:
+    """A client of a new real Kimi process in ``home`` (every one made here shares it)."""
+    require_peer()
+    argv, env = kimi_echo.peer_command(protocol, home)
+    return CLIENTS[protocol](TRANSPORTS[protocol](argv, env=env, startup_timeout=60), config(30, retry))
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_real_peer_conversation_resumes_in_a_new_process(protocol: str, tmp_path: Path) -> None:
+    with kimi_client(protocol, tmp_path) as first, first.conversation() as chat:
+        assert [chat.complete(f"text: {n}", budget()).content for n in ("one", "two")] == ["one", "two"]
+        session = chat.session_id
+    assert session is not None
+    with kimi_client(protocol, tmp_path) as later, later.conversation(resume=session) as chat:
+        assert chat.complete("text: three", budget()).content == "three"
+        assert (chat.turns, chat.session_id) == (3, session)
+    turn = ["_checkpoint", "user", "_checkpoint", "assistant"]
+    assert kimi_contexts(tmp_path).count(["_system_prompt", *turn * 3]) == 1  # one history, all of it
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_real_peer_session_that_holds_a_failed_turn_is_not_resumed(protocol: str, tmp_path: Path) -> None:
+    with kimi_client(protocol, tmp_path, NO_RETRY) as first, first.conversation() as chat:
+        chat.complete("text: one", budget())
+        session = chat.session_id
+        with pytest.raises(TransientNetworkError):
+            chat.complete("a plain question", budget())  # the echo provider fails it
+        assert chat.session_id is None  # the session holds the failed turn
+    with (
+        kimi_client(protocol, tmp_path) as later,
+        pytest.raises(LlmError, match="got no answer"),
+        later.conversation(resume=session) as chat,
+    ):
+        chat.complete("text: two", budget())
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_peer_unknown_session_is_a_clear_error(protocol: str, real_peer: Callable[..., Any]) -> None:
+    client = real_peer()
+    with (
+        pytest.raises(LlmError, match="no session 'no-such-session'"),
+        client.conversation(resume="no-such-session") as chat,
+    ):
+        chat.complete("text: hi", budget())
 
 
 @pytest.mark.real_peer
