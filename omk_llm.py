@@ -104,6 +104,7 @@ __all__ = [
     "LlmResponse",
     "LlmTimeoutError",
     "LlmUsage",
+    "McpServer",
     "MockLlmClient",
     "OtherEvent",
     "ParseError",
@@ -119,6 +120,7 @@ __all__ = [
     "TextEvent",
     "ThinkingEvent",
     "TokenBudget",
+    "Tool",
     "ToolCallEvent",
     "ToolUpdateEvent",
     "TransientNetworkError",
@@ -384,6 +386,115 @@ AgentEvent = Union[
     TextEvent, ThinkingEvent, ToolCallEvent, ToolUpdateEvent, PlanEvent, UsageEvent, ApprovalEvent, OtherEvent
 ]
 EventCallback = Callable[[AgentEvent], None]
+
+
+# ---- tools from the user: MCP servers, and Python callables (Kimi wire) ---------------
+
+
+@dataclasses.dataclass(frozen=True)
+class McpServer:
+    """A stdio MCP server for the agent to start and use: ``command`` is its argv, ``env``
+    what its environment adds. Its tools join the agent's own (and ask for approval as
+    theirs do)."""
+
+    name: str
+    command: Tuple[str, ...]
+    env: Optional[Mapping[str, str]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.command, str) or not self.command:
+            raise ValueError("McpServer.command is the server's argv: a sequence of strings, not one string")
+        object.__setattr__(self, "command", tuple(self.command))
+
+    def acp(self) -> Dict[str, Any]:
+        """As ACP's ``session/new`` takes it."""
+        env = [{"name": key, "value": value} for key, value in (self.env or {}).items()]
+        return {"name": self.name, "command": self.command[0], "args": list(self.command[1:]), "env": env}
+
+    def kimi(self) -> Dict[str, Any]:
+        """As Kimi CLI's MCP configuration (``--mcp-config``) takes it."""
+        return {"command": self.command[0], "args": list(self.command[1:]), "env": dict(self.env or {})}
+
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """A Python callable the agent may call as a tool (over Kimi wire: its external tools).
+
+    ``name`` and ``description`` default to the function's name and docstring, and
+    ``parameters`` (a JSON schema) to one read from its signature (str, int, float, bool,
+    list and dict hints; a parameter without a default is required). The agent's arguments
+    come as keyword arguments; what the function returns is the tool's output (``str()``
+    of it). An exception, or running past ``timeout`` seconds, is the tool's error result,
+    which the agent sees; the turn goes on. It runs in a thread of its own."""
+
+    function: Callable[..., Any]
+    name: str = ""
+    description: str = ""
+    parameters: Optional[Mapping[str, Any]] = None
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not callable(self.function):
+            raise TypeError(f"Tool.function must be callable, got {self.function!r}")
+        _check_non_negative("Tool.timeout", self.timeout)
+        name = self.name or getattr(self.function, "__name__", "")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name or "-"):
+            raise ValueError(f"a tool needs a name of letters, digits, _ and - (got {name!r}): pass name=")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "description", self.description or (self.function.__doc__ or name).strip())
+        if self.parameters is None:
+            object.__setattr__(self, "parameters", _parameters_of(self.function))
+
+    def declaration(self) -> Dict[str, Any]:
+        return {"name": self.name, "description": self.description, "parameters": dict(self.parameters or {})}
+
+    def run(self, arguments: str, limit: Optional[float] = None) -> Tuple[bool, str]:
+        """Call it with the agent's JSON ``arguments``: (failed, output or error)."""
+        try:
+            kwargs = json.loads(arguments) if arguments and arguments.strip() else {}
+        except ValueError as err:
+            return True, f"the arguments are not JSON ({err})"
+        if not isinstance(kwargs, dict):
+            return True, "the arguments are not a JSON object"
+        outcome: List[Tuple[bool, str]] = []
+
+        def call() -> None:
+            try:
+                outcome.append((False, str(self.function(**kwargs))))
+            except Exception as err:  # the tool's failure is its result, never the turn's
+                outcome.append((True, f"{type(err).__name__}: {err}"))
+
+        worker = threading.Thread(target=call, name=f"omk_llm tool {self.name}", daemon=True)
+        worker.start()
+        wait = self.timeout if limit is None else max(0.0, min(self.timeout, limit))
+        worker.join(wait)
+        if not outcome:
+            return True, f"the tool {self.name} did not finish within {wait:g} s"
+        return outcome[0]
+
+
+def _parameters_of(function: Callable[..., Any]) -> Dict[str, Any]:
+    """A JSON schema of ``function``'s keyword parameters, from its signature."""
+    import inspect  # lazy: only tools need it
+    import typing
+
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # hints that do not resolve: the names still count
+        hints = {}
+    properties: Dict[str, Any] = {}
+    required = []
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        kind = _JSON_TYPES.get(hints.get(parameter.name))  # type: ignore[arg-type]
+        properties[parameter.name] = {"type": kind} if kind else {}
+        if parameter.default is parameter.empty:
+            required.append(parameter.name)
+    return {"type": "object", "properties": properties, "required": required}
 
 
 class TokenBudget:
@@ -3129,6 +3240,8 @@ class StdioWire(_JsonRpcStdio):
         write_timeout: float = 30.0,
         max_line_bytes: int = MAX_LINE_BYTES,
         record: Optional[str] = None,
+        mcp_servers: Sequence[McpServer] = (),
+        tools: Sequence[Union[Tool, Callable[..., Any]]] = (),
     ) -> None:
         super().__init__(
             argv,
@@ -3140,8 +3253,14 @@ class StdioWire(_JsonRpcStdio):
             record=record,
         )
         self.resume_next: Optional[str] = None  # a Kimi session the next agent process opens
+        self.mcp_servers = tuple(mcp_servers)
+        made = [tool if isinstance(tool, Tool) else Tool(tool) for tool in tools]
+        self.tools: Dict[str, Tool] = {tool.name: tool for tool in made}
+        if len(self.tools) < len(made):
+            raise ValueError("two tools have the same name; give one another name=")
 
     def _initialize_params(self) -> Dict[str, Any]:
+        tools = [tool.declaration() for tool in self.tools.values()]
         return {
             "protocol_version": WIRE_PROTOCOL_VERSION,
             "client": {"name": "omk_llm", "version": __version__},
@@ -3149,6 +3268,7 @@ class StdioWire(_JsonRpcStdio):
             # Asks Kimi for its session id when one prompt, the probe, is sent; the client
             # blocks that prompt, so it never reaches the model or the history.
             "hooks": [{"id": SESSION_PROBE_HOOK, "event": "UserPromptSubmit", "matcher": _SESSION_PROBE}],
+            **({"external_tools": tools} if tools else {}),
         }
 
     def start_prompt(self, text: PromptText) -> Any:
@@ -3171,7 +3291,11 @@ class StdioWire(_JsonRpcStdio):
 
     def _next_argv(self) -> Sequence[str]:
         resume, self.resume_next = self.resume_next, None
-        return self.argv if resume is None else (*self.argv, "--session", resume)
+        argv: Tuple[str, ...] = self.argv if resume is None else (*self.argv, "--session", resume)
+        if self.mcp_servers:
+            servers = {server.name: server.kimi() for server in self.mcp_servers}
+            argv += ("--mcp-config", json.dumps({"mcpServers": servers}))
+        return argv
 
     def _other_protocol(self, answer: Union[SuccessResponse, ErrorResponse]) -> str:
         # An ACP agent answers protocolVersion, or refuses our params (Kimi's: -32602, as
@@ -3191,6 +3315,8 @@ def _wire_tool_update(payload: Dict[str, Any]) -> ToolUpdateEvent:
     value = payload.get("return_value")
     value = value if isinstance(value, dict) else {}
     output = value.get("output")
+    if isinstance(output, list):  # content parts (an MCP tool's result)
+        output = "".join(str(part.get("text") or "") for part in output if isinstance(part, dict))
     text = output if isinstance(output, str) and output else str(value.get("message") or "")
     status = "failed" if value.get("is_error") else "completed"
     return ToolUpdateEvent(str(payload.get("tool_call_id") or ""), status, text)
@@ -3451,12 +3577,14 @@ class WireLlmClient(_AgentLlmClient):
         if request.type == "QuestionRequest":
             self.wire.send_response(request.id, {"request_id": payload.get("id", request.id), "answers": {}})
         elif request.type == "ToolCallRequest":
-            result = {
-                "is_error": True,
-                "output": "",
-                "message": "omk_llm offers no external tools",
-                "display": [],
-            }
+            tool = getattr(self.wire, "tools", {}).get(payload.get("name"))
+            if tool is None:
+                failed, output = True, f"omk_llm offers no external tool {payload.get('name')!r}"
+            else:
+                deadline = getattr(self.wire, "deadline", None)
+                limit = None if deadline is None else deadline - time.monotonic()
+                failed, output = tool.run(str(payload.get("arguments") or ""), limit)
+            result = {"is_error": failed, "output": output, "message": output[:200], "display": []}
             self.wire.send_response(
                 request.id, {"tool_call_id": payload.get("id", request.id), "return_value": result}
             )
@@ -3531,6 +3659,7 @@ class AcpStdio(_JsonRpcStdio):
         write_timeout: float = 30.0,
         max_line_bytes: int = MAX_LINE_BYTES,
         record: Optional[str] = None,
+        mcp_servers: Sequence[McpServer] = (),
     ) -> None:
         super().__init__(
             argv,
@@ -3542,6 +3671,7 @@ class AcpStdio(_JsonRpcStdio):
             record=record,
         )
         self.session_cwd = session_cwd
+        self.mcp_servers = tuple(mcp_servers)  # given to each session the client opens
         self.session_id: Optional[str] = None
         self._session_generation = -1
 
@@ -3577,7 +3707,8 @@ class AcpStdio(_JsonRpcStdio):
 
     def new_session(self) -> str:
         """Open a new session (starting the agent if it is not running) and return its id."""
-        result = self._session_request("session/new", {"cwd": self.session_work_dir(), "mcpServers": []})
+        params = {"cwd": self.session_work_dir(), "mcpServers": self._mcp()}
+        result = self._session_request("session/new", params)
         session_id = result.get("sessionId")
         if not isinstance(session_id, str):
             raise ParseError(json.dumps(result), "session/new gave no sessionId")
@@ -3601,7 +3732,7 @@ class AcpStdio(_JsonRpcStdio):
                 "initialize offers neither session/load nor session/resume; start a new conversation"
             )
         history = _History()
-        params = {"sessionId": session_id, "cwd": self.session_work_dir(), "mcpServers": []}
+        params = {"sessionId": session_id, "cwd": self.session_work_dir(), "mcpServers": self._mcp()}
         try:
             self._session_request(method, params, on_event=lambda event: history.take(event, session_id))
         except (TransientNetworkError, WireProtocolError) as err:
@@ -3640,6 +3771,9 @@ class AcpStdio(_JsonRpcStdio):
                 if isinstance(message, ErrorResponse):
                     raise self.error_for(message)
                 return message.result if isinstance(message.result, dict) else {}
+
+    def _mcp(self) -> List[Dict[str, Any]]:
+        return [server.acp() for server in self.mcp_servers]
 
     def session_work_dir(self) -> str:
         """The working directory sessions are opened in (absolute)."""

@@ -54,6 +54,7 @@ from omk_llm import (
     LlmResponse,
     LlmTimeoutError,
     LlmUsage,
+    McpServer,
     MockLlmClient,
     OtherEvent,
     ParseError,
@@ -69,6 +70,7 @@ from omk_llm import (
     TextEvent,
     ThinkingEvent,
     TokenBudget,
+    Tool,
     ToolCallEvent,
     ToolUpdateEvent,
     TransientNetworkError,
@@ -1761,6 +1763,97 @@ def test_a_conversations_session_id_is_none_while_its_last_turn_stands_failed() 
         assert chat.session_id is not None
 
 
+# ---- tools from the user ------------------------------------------------------------------
+
+
+def shout(text: str, times: int = 1) -> str:
+    """Say it loudly"""
+    return text.upper() * times
+
+
+def tool_answer(content: str) -> dict:
+    """The wire ToolCallRequest's answer, as the fake peer says it back."""
+    return dict(json.loads(content[content.index('{"return_value"') :])["return_value"])
+
+
+def test_a_tools_name_description_and_parameters_come_from_the_function() -> None:
+    assert Tool(shout).declaration() == {
+        "name": "shout",
+        "description": "Say it loudly",
+        "parameters": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "times": {"type": "integer"}},
+            "required": ["text"],
+        },
+    }
+
+
+def test_a_python_tool_is_declared_to_kimi_and_called_when_the_agent_asks() -> None:
+    transport = fake_wire(tools=[shout])
+    assert transport._initialize_params()["external_tools"] == [Tool(shout).declaration()]
+    with WireLlmClient(transport, config()) as client:
+        script = 'request: ToolCallRequest shout {"text": "hey", "times": 2}'
+        answer = client.complete(script, budget()).content
+    assert tool_answer(answer) == {"is_error": False, "output": "HEYHEY", "message": "HEYHEY", "display": []}
+
+
+def test_a_tool_that_raises_gives_the_agent_an_error_result_and_the_turn_goes_on() -> None:
+    def broken(path: str) -> str:
+        raise FileNotFoundError(path)
+
+    with WireLlmClient(fake_wire(tools=[broken]), config()) as client:
+        answer = client.complete('request: ToolCallRequest broken {"path": "x"}\ntext: !', budget()).content
+    result = tool_answer(answer[:-1])
+    assert (result["is_error"], result["output"], answer[-1]) == (True, "FileNotFoundError: x", "!")
+
+
+def test_a_tool_past_its_timeout_is_an_error_result() -> None:
+    slow = Tool(lambda: time.sleep(5), name="slow", timeout=0.2)
+    with WireLlmClient(fake_wire(tools=[slow]), config()) as client:
+        started = time.monotonic()
+        answer = client.complete("request: ToolCallRequest slow {}", budget()).content
+    assert time.monotonic() - started < 3.0
+    assert tool_answer(answer)["output"] == "the tool slow did not finish within 0.2 s"
+
+
+def test_a_tool_the_client_does_not_have_is_an_error_result() -> None:
+    with WireLlmClient(fake_wire(tools=[shout]), config()) as client:
+        answer = client.complete('request: ToolCallRequest whisper {"text": "hey"}', budget()).content
+    assert tool_answer(answer)["output"] == "omk_llm offers no external tool 'whisper'"
+
+
+def test_bad_tools_are_refused_when_given() -> None:
+    with pytest.raises(ValueError, match="same name"):
+        fake_wire(tools=[shout, Tool(str.upper, name="shout")])
+    with pytest.raises(ValueError, match="pass name="):
+        Tool(lambda: None)
+    with pytest.raises(ValueError, match="argv"):
+        McpServer("tools", "python server.py")  # type: ignore[arg-type]
+
+
+MCP_SCRIPT = str(ROOT / "peers" / "mcp_server.py")
+MCP_SERVER = McpServer("tests", (sys.executable, MCP_SCRIPT), {"MCP_NOTE_FILE": "x"})
+
+
+def test_mcp_servers_go_to_kimi_wire_on_its_command_line() -> None:
+    argv = fake_wire(mcp_servers=[MCP_SERVER])._next_argv()
+    assert argv[-2] == "--mcp-config"
+    server = {"command": sys.executable, "args": [MCP_SCRIPT], "env": {"MCP_NOTE_FILE": "x"}}
+    assert json.loads(argv[-1]) == {"mcpServers": {"tests": server}}
+
+
+def test_mcp_servers_go_to_every_acp_session(tmp_path: Path) -> None:
+    recording = tmp_path / "session.jsonl"
+    transport = fake_acp(mcp_servers=[MCP_SERVER], record=str(recording))
+    with AcpLlmClient(transport, config()) as client:
+        client.complete("text: one", budget())
+        client.complete("text: two", budget())
+    sent = [json.loads(line)["msg"] for line in recording.read_text().splitlines() if '"c2s"' in line]
+    opened = [m["params"]["mcpServers"] for m in sent if m.get("method") == "session/new"]
+    assert opened and all(servers == [MCP_SERVER.acp()] for servers in opened)
+    assert MCP_SERVER.acp()["env"] == [{"name": "MCP_NOTE_FILE", "value": "x"}]
+
+
 def test_the_mock_gives_on_event_its_answer_as_text() -> None:
     events: List[AgentEvent] = []
     MockLlmClient(["canned"]).complete("q", budget(), on_event=events.append)
@@ -3168,6 +3261,41 @@ def test_real_peer_session_that_holds_a_failed_turn_is_not_resumed(protocol: str
         later.conversation(resume=session) as chat,
     ):
         chat.complete("text: two", budget())
+
+
+def named_tool_call(name: str, arguments: dict) -> str:
+    """An echo-provider script line that makes the agent call the tool ``name``."""
+    return "tool_call: " + json.dumps({"id": "tc-1", "name": name, "arguments": json.dumps(arguments)})
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_real_peer_calls_a_tool_of_the_users_own_mcp_server(protocol: str, tmp_path: Path) -> None:
+    require_peer()
+    note = tmp_path / "note.txt"
+    scripts = [named_tool_call("note", {"text": f"from {protocol}"}), "text: noted"]
+    argv, env = kimi_echo.peer_command(protocol, tmp_path / "home", scripts)
+    server = McpServer("tests", (sys.executable, MCP_SCRIPT), {"MCP_NOTE_FILE": str(note)})
+    transport = TRANSPORTS[protocol](argv, env=env, startup_timeout=60, mcp_servers=[server])
+    events: List[AgentEvent] = []
+    with CLIENTS[protocol](transport, config(timeout=60), approval="approve") as client:
+        assert client.complete("take a note", budget(), on_event=events.append).content == "noted"
+    assert note.read_text() == f"from {protocol}\n"  # the agent started our server and called it
+    updates = [event for event in events if isinstance(event, ToolUpdateEvent)]
+    assert updates[-1].status == "completed" and updates[-1].output == "noted"
+
+
+@pytest.mark.real_peer
+@pytest.mark.timeout(120)
+def test_real_wire_peer_calls_a_python_function_as_a_tool(tmp_path: Path) -> None:
+    require_peer()
+    scripts = [named_tool_call("shout", {"text": "hey", "times": 2}), "text: shouted"]
+    argv, env = kimi_echo.peer_command("wire", tmp_path, scripts)
+    events: List[AgentEvent] = []
+    transport = StdioWire(argv, env=env, startup_timeout=60, tools=[shout])
+    with WireLlmClient(transport, config(timeout=60)) as client:
+        assert client.complete("shout it", budget(), on_event=events.append).content == "shouted"
+    assert ToolUpdateEvent("tc-1", "completed", "HEYHEY") in events
 
 
 @pytest.mark.real_peer

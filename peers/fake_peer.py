@@ -12,7 +12,8 @@ real Kimi CLI does, and plays back each prompt as a small script, one command a 
     die: CODE        exit at once            garbage        junk and unrelated lines
     split: X         a text chunk written a few bytes at a time
     longline: N      one line of N bytes     stderr: N      N bytes on stderr
-    request: TYPE    ask the client, wait for the answer, then say it as text
+    request: TYPE    ask the client, wait for the answer, then say it as text (wire:
+                     "request: ToolCallRequest NAME {ARGS}" calls the client's tool NAME)
     error: CODE MSG  end with that JSON-RPC error
     status: S        end with that status (wire) or stopReason (ACP)
     grandchild       start a long sleep in the background and say its pid
@@ -157,7 +158,11 @@ class Peer:
             import uuid
 
             request_id = str(uuid.uuid4())
+            kind, _, call = kind.partition(" ")  # ToolCallRequest NAME ARGUMENTS: an external tool's call
             payload = {"id": request_id, "tool_call_id": "tc-1", "sender": "Shell", "action": "run command"}
+            if call:
+                name, _, arguments = call.partition(" ")
+                payload.update(name=name, arguments=arguments)
             emit(
                 {
                     "jsonrpc": "2.0",
