@@ -97,6 +97,7 @@ __all__ = [
     "CostEstimator",
     "ErrorResponse",
     "Event",
+    "ImagePart",
     "InvalidPromptError",
     "LlmClient",
     "LlmClientConfig",
@@ -386,6 +387,48 @@ AgentEvent = Union[
     TextEvent, ThinkingEvent, ToolCallEvent, ToolUpdateEvent, PlanEvent, UsageEvent, ApprovalEvent, OtherEvent
 ]
 EventCallback = Callable[[AgentEvent], None]
+
+
+# ---- a prompt of parts: text and images -----------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePart:
+    """An image in a prompt, beside its text: ``complete(["What is in it?", image], ...)``.
+    ``data`` is the image file's bytes, ``mime_type`` its type ("image/png", ...)."""
+
+    data: bytes = dataclasses.field(repr=False)
+    mime_type: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, (bytes, bytearray)) or not self.data:
+            raise ValueError("ImagePart.data must be the image's bytes (not empty)")
+        if not isinstance(self.mime_type, str) or not self.mime_type.startswith("image/"):
+            raise ValueError(f"ImagePart.mime_type must be image/png, image/jpeg, ...: {self.mime_type!r}")
+        object.__setattr__(self, "data", bytes(self.data))
+
+    @classmethod
+    def from_file(cls, path: str, mime_type: Optional[str] = None) -> ImagePart:
+        """The image in the file ``path``, its type guessed from its name unless given."""
+        import mimetypes  # lazy: only images need it
+
+        guessed = mime_type or mimetypes.guess_type(path)[0]
+        if guessed is None or not guessed.startswith("image/"):
+            raise ValueError(f"cannot tell the image type of {path!r} from its name: pass mime_type=")
+        try:
+            with open(path, "rb") as file:
+                return cls(file.read(), guessed)
+        except OSError as err:
+            raise ValueError(f"cannot read the image {path!r}: {err.strerror or err}") from err
+
+    def base64(self) -> str:
+        import base64  # lazy: only images need it
+
+        return base64.b64encode(self.data).decode("ascii")
+
+
+PromptPart = Union[str, ImagePart]
+Prompt = Union[str, Sequence[PromptPart]]  # a text, or text and images sent as one message
 
 
 # ---- tools from the user: MCP servers, and Python callables (Kimi wire) ---------------
@@ -1078,7 +1121,7 @@ class _WithSystem:
 
     def complete(
         self,
-        prompt: str,
+        prompt: Prompt,
         budget: TokenBudget,
         *,
         on_text: Optional[TextCallback] = None,
@@ -1109,14 +1152,14 @@ class MockLlmClient(_WithSystem):
     def __init__(self, responses: Iterable[MockItem] = ()) -> None:
         self._lock = threading.Lock()
         self._responses: Deque[MockItem] = collections.deque(responses)
-        self._calls: List[str] = []
+        self._calls: List[Prompt] = []  # as given: text, or text and images
         self._running: List[threading.Event] = []  # one per call inside its on_text
 
     def push_response(self, item: MockItem) -> None:
         with self._lock:
             self._responses.append(item)
 
-    def take_calls(self) -> List[str]:
+    def take_calls(self) -> List[Prompt]:
         with self._lock:
             return list(self._calls)
 
@@ -1126,7 +1169,7 @@ class MockLlmClient(_WithSystem):
 
     def complete(
         self,
-        prompt: str,
+        prompt: Prompt,
         budget: TokenBudget,
         *,
         on_text: Optional[TextCallback] = None,
@@ -1197,9 +1240,34 @@ def _lone_surrogate_at(text: str) -> int:
     return -1
 
 
+def _prompt_of(prompt: object) -> Union[str, Tuple[PromptPart, ...]]:
+    """A prompt checked: its text, or its parts (text and ImageParts), else InvalidPromptError."""
+    if isinstance(prompt, str) or not isinstance(prompt, (list, tuple)):
+        return _check_prompt(prompt)
+    parts = tuple(prompt)
+    for part in parts:
+        if not isinstance(part, (str, ImagePart)):
+            raise InvalidPromptError(
+                f"a prompt's parts are text (str) and ImagePart, got {type(part).__name__}"
+            )
+    texts = [part for part in parts if isinstance(part, str)]
+    if not any(isinstance(part, ImagePart) for part in parts):
+        return _check_prompt("".join(texts))
+    if texts and "".join(texts).strip():
+        _check_prompt("".join(texts))
+    return parts
+
+
+def _text_of(prompt: Union[str, Sequence[PromptPart]]) -> str:
+    """The text of a prompt: what is counted for it (an image is not)."""
+    return prompt if isinstance(prompt, str) else "".join(part for part in prompt if isinstance(part, str))
+
+
 def _check_prompt(prompt: object) -> str:
     if not isinstance(prompt, str):
-        raise InvalidPromptError(f"the prompt must be text (str), got {type(prompt).__name__}")
+        raise InvalidPromptError(
+            f"the prompt must be text (str), or a list of text and ImagePart, got {type(prompt).__name__}"
+        )
     if not prompt.strip():
         raise InvalidPromptError("the prompt is empty; send some text")
     at = _lone_surrogate_at(prompt)
@@ -2341,13 +2409,24 @@ GRANTED = ("approve", "approve_for_session")
 # white space or its end (kimi_cli.utils.slashcmd); agents like it follow the same rule.
 _AGENT_COMMAND = r"\s*/[A-Za-z0-9_-]+(?::[A-Za-z0-9_-]+)*(?:\s|$)"
 
-PromptText = Union[str, List[str]]  # one text, or text parts sent as one message
+PromptText = Union[str, Sequence[PromptPart]]  # one text, or parts sent as one message
 
 
 def is_agent_command(text: str) -> bool:
     """Whether an agent such as Kimi would run ``text`` as a slash command (``/yolo``,
     ``  /clear now``) instead of sending it to the model. ``/usr/bin/python`` is not one."""
     return re.match(_AGENT_COMMAND, text) is not None
+
+
+def _as_plain_prompt(prompt: Union[str, Tuple[PromptPart, ...]], kimi: bool) -> PromptText:
+    """``_as_plain_text`` for a prompt of parts: its first text part is the one escaped."""
+    if isinstance(prompt, str):
+        return _as_plain_text(prompt, kimi)
+    if not is_agent_command(_text_of(prompt)):
+        return prompt
+    first = next(i for i, part in enumerate(prompt) if isinstance(part, str) and part.strip())
+    escaped = _as_plain_text(cast(str, prompt[first]), kimi)
+    return (*prompt[:first], *([escaped] if isinstance(escaped, str) else escaped), *prompt[first + 1 :])
 
 
 def _as_plain_text(text: str, kimi: bool) -> PromptText:
@@ -2556,6 +2635,17 @@ _TRANSIENT_FAULT = (
 )
 
 
+def _capability_error(message: str) -> Optional[InvalidPromptError]:
+    """The error for a prompt the agent's model cannot take (Kimi: an image for a model
+    without ``image_in``), which it refuses before running anything; else None."""
+    if "does not support required capability" not in message:
+        return None
+    return InvalidPromptError(
+        f"the agent cannot take this prompt: {message} (it ran nothing); send text only, or "
+        "configure the agent with a model that takes images"
+    )
+
+
 def _provider_error(message: str) -> LlmError:
     """A provider failure reported by the agent: rate limited, or transient."""
     if re.search(_RATE_LIMIT, message):
@@ -2619,7 +2709,7 @@ class _TurnCalls(_WithSystem):
 
     def complete(
         self,
-        prompt: str,
+        prompt: Prompt,
         budget: TokenBudget,
         *,
         on_text: Optional[TextCallback] = None,
@@ -2726,7 +2816,7 @@ class _AgentLlmClient(_TurnCalls):
     def _complete(
         self,
         context: _Context,
-        prompt: str,
+        prompt: Prompt,
         budget: TokenBudget,
         on_text: Optional[TextCallback],
         on_event: Optional[EventCallback] = None,
@@ -2745,21 +2835,23 @@ class _AgentLlmClient(_TurnCalls):
         )
 
     def _admit(
-        self, prompt: str, budget: TokenBudget, history_tokens: int = 0
-    ) -> Tuple[str, Optional[int]]:
+        self, prompt: Prompt, budget: TokenBudget, history_tokens: int = 0
+    ) -> Tuple[Union[str, Tuple[PromptPart, ...]], Optional[int]]:
         """The prompt, if it may be sent, and its token count if that had to be counted:
-        InvalidPromptError, ContextLengthExceededError or BudgetExhaustedError if not."""
-        text = _check_prompt(prompt)
+        InvalidPromptError, ContextLengthExceededError or BudgetExhaustedError if not.
+        Only its text counts: what an image costs, only the agent can say."""
+        checked = _prompt_of(prompt)
+        text = _text_of(checked)
         room = min(self.config.max_tokens, budget.remaining - history_tokens)
         if len(text) <= room // 4 or utf8_length(text) <= room:
-            return text, None  # it fits, whatever its count: no token outnumbers its bytes
+            return checked, None  # it fits, whatever its count: no token outnumbers its bytes
         prompt_tokens = self.cost_estimator.count_tokens(text, self.config.model)
         if prompt_tokens > self.config.max_tokens:
             raise ContextLengthExceededError(prompt_tokens, self.config.max_tokens)
         needed = prompt_tokens + history_tokens
         if not budget.can_afford(needed):
             raise BudgetExhaustedError(budget.used_tokens, budget.max_tokens, needed)
-        return text, prompt_tokens
+        return checked, prompt_tokens
 
     def _command(self, context: _Context, command: str, budget: Optional[TokenBudget]) -> LlmResponse:
         if not isinstance(command, str) or not is_agent_command(command):
@@ -2787,7 +2879,7 @@ class _AgentLlmClient(_TurnCalls):
     def _attempt(
         self,
         context: _Context,
-        text: str,
+        text: Union[str, Tuple[PromptPart, ...]],
         prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
         callbacks: Tuple[Optional[TextCallback], Optional[EventCallback]],
@@ -2832,7 +2924,7 @@ class _AgentLlmClient(_TurnCalls):
     def _locked_attempt(
         self,
         context: _Context,
-        text: str,
+        text: Union[str, Tuple[PromptPart, ...]],
         prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
         callbacks: Tuple[Optional[TextCallback], Optional[EventCallback]],
@@ -2842,13 +2934,14 @@ class _AgentLlmClient(_TurnCalls):
         if context.closed:
             raise LlmError("this conversation was closed; open a new one with client.conversation()")
         self._check_context_free(context)
-        turn = _Turn(context, callbacks[0], text, prompt_tokens, budget, on_event=callbacks[1])
+        turn = _Turn(context, callbacks[0], _text_of(text), prompt_tokens, budget, on_event=callbacks[1])
         had_history = context.turns > 0
         self._attempt_turn = turn
         try:
             self._settle_previous(deadline)
             self._prepare(context, deadline)
-            prompt = _as_plain_text(text, self._is_kimi()) if escape else text
+            prompt = _as_plain_prompt(text, self._is_kimi()) if escape else text
+            self._check_parts(text)
             self._run(turn, prompt, deadline)
         except BaseException as err:
             if isinstance(err, LlmError):
@@ -3130,6 +3223,9 @@ class _AgentLlmClient(_TurnCalls):
     def _start(self, context: _Context, prompt: PromptText) -> Any:
         raise NotImplementedError
 
+    def _check_parts(self, prompt: Union[str, Tuple[PromptPart, ...]]) -> None:
+        """Refuse, before it is sent, a prompt with parts the agent said it cannot take."""
+
     def _send_cancel(self, turn: _Turn) -> None:
         raise NotImplementedError
 
@@ -3274,7 +3370,7 @@ class StdioWire(_JsonRpcStdio):
     def start_prompt(self, text: PromptText) -> Any:
         """Send a prompt, starting the agent first if it is not running."""
         self._live_child()
-        user_input: Any = text if isinstance(text, str) else [{"type": "text", "text": part} for part in text]
+        user_input: Any = text if isinstance(text, str) else [_wire_part(part) for part in text]
         return self.send_request("prompt", {"user_input": user_input})
 
     def cancel(self) -> None:
@@ -3308,6 +3404,13 @@ class StdioWire(_JsonRpcStdio):
             "; the agent speaks ACP, not the wire protocol: use AcpStdio and AcpLlmClient "
             "(on the command line, --acp)"
         )
+
+
+def _wire_part(part: PromptPart) -> Dict[str, Any]:
+    """A prompt part as Kimi's wire content part."""
+    if isinstance(part, ImagePart):
+        return {"type": "image_url", "image_url": {"url": f"data:{part.mime_type};base64,{part.base64()}"}}
+    return {"type": "text", "text": part}
 
 
 def _wire_tool_update(payload: Dict[str, Any]) -> ToolUpdateEvent:
@@ -3349,7 +3452,7 @@ def _wire_error(error: ErrorResponse) -> LlmError:
         return TransientNetworkError(f"the agent reported an internal error: {error.message}")
     if error.code == -32004:
         return AuthenticationError(f"{error.message}; log in to Kimi again (`kimi login`)")
-    return WireProtocolError(error.code, error.message)
+    return _capability_error(error.message) or WireProtocolError(error.code, error.message)
 
 
 _WIRE_STATUS = {"finished": "stop", "max_steps_reached": "max_steps"}
@@ -3782,9 +3885,8 @@ class AcpStdio(_JsonRpcStdio):
     def start_prompt(self, text: PromptText, session_id: Optional[str] = None) -> Any:
         session = session_id or self.ensure_session()
         parts = [text] if isinstance(text, str) else text
-        return self.send_request(
-            "session/prompt", {"sessionId": session, "prompt": [{"type": "text", "text": p} for p in parts]}
-        )
+        blocks = [_acp_part(part) for part in parts]
+        return self.send_request("session/prompt", {"sessionId": session, "prompt": blocks})
 
     def cancel(self, session_id: Optional[str] = None) -> None:
         session = session_id or self.session_id
@@ -3804,6 +3906,9 @@ class AcpStdio(_JsonRpcStdio):
         if error.code == -32603:
             if re.search(_RATE_LIMIT, text) or re.search(_TRANSIENT_FAULT, text):
                 return _provider_error(text)
+            refused = _capability_error(text)
+            if refused is not None:
+                return refused
             # Kimi wraps its configuration errors ("LLM not set", "'kimi' is not in list",
             # a missing capability) this way too: a retry would meet them again.
             return WireProtocolError(error.code, f"{text}; not retried: check the agent's configuration")
@@ -3879,6 +3984,16 @@ class AcpLlmClient(_AgentLlmClient):
 
     def _start(self, context: _Context, prompt: PromptText) -> Any:
         return self.acp.start_prompt(prompt, context.session)
+
+    def _check_parts(self, prompt: Union[str, Tuple[PromptPart, ...]]) -> None:
+        if isinstance(prompt, str) or not any(isinstance(part, ImagePart) for part in prompt):
+            return
+        agent = _object(_object(self.acp.peer_info).get("agentCapabilities"))
+        if _object(agent.get("promptCapabilities")).get("image") is not True:
+            raise InvalidPromptError(
+                f"the agent ({self.acp.peer_name or 'this ACP agent'}) takes no images: its initialize "
+                "does not offer promptCapabilities.image; send text only"
+            )
 
     def _send_cancel(self, turn: _Turn) -> None:
         self.acp.cancel(turn.context.session)
@@ -4008,6 +4123,13 @@ class _History:
                 f"the session {session_id!r} holds {unanswered} turn(s) that got no answer (failed "
                 "turns): resuming it would put them back into the history; start a new conversation"
             )
+
+
+def _acp_part(part: PromptPart) -> Dict[str, Any]:
+    """A prompt part as an ACP content block."""
+    if isinstance(part, ImagePart):
+        return {"type": "image", "mimeType": part.mime_type, "data": part.base64()}
+    return {"type": "text", "text": part}
 
 
 def _acp_plan(update: Dict[str, Any]) -> PlanEvent:
@@ -4604,6 +4726,13 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the whole response as JSON instead of streaming"
     )
     parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image to send with the prompt (its type from its name: .png, .jpg, ...); repeat for more",
+    )
+    parser.add_argument(
         "--events",
         action="store_true",
         help="print each thing the agent reports (text, tool calls and their news, plan, usage, "
@@ -4846,8 +4975,8 @@ def main(
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.batch is None):
         parser.error("give a prompt or --batch FILE" + (", not both" if args.batch else ""))
-    if args.events and args.batch is not None:
-        parser.error("--events is for one prompt; --batch prints one result a line")
+    if (args.events or args.image) and args.batch is not None:
+        parser.error("--events and --image are for one prompt, not --batch")
 
     handler = logging.StreamHandler(stderr)
     handler.setFormatter(logging.Formatter("omk_llm: %(message)s"))
@@ -4903,9 +5032,11 @@ def main(
             return code
         if args.system is not None:
             prompt = system_prompt(args.system, prompt)
+        images = [ImagePart.from_file(path) for path in args.image]
+        parts: Prompt = [prompt, *images] if images else prompt
         client = factory()
         transport = cast(_JsonRpcStdio, client.transport)
-        client._admit(prompt, budget)  # a prompt refused starts no agent (complete() checks again)
+        client._admit(parts, budget)  # a prompt refused starts no agent (complete() checks again)
         on_terminal = bool(getattr(stderr, "isatty", lambda: False)())
         if on_terminal:
             stderr.write(f"omk_llm: starting the agent ({shlex.join(agent_argv)}) ...")
@@ -4956,7 +5087,7 @@ def main(
 
         try:
             response = client.complete(
-                prompt,
+                parts,
                 budget,
                 on_text=None if args.json or args.events else stream,
                 on_event=show if args.events or on_terminal else None,

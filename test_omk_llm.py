@@ -48,6 +48,7 @@ from omk_llm import (
     CostEstimator,
     ErrorResponse,
     Event,
+    ImagePart,
     InvalidPromptError,
     LlmClientConfig,
     LlmError,
@@ -1306,6 +1307,12 @@ def record_a_session(protocol: str, path: Path) -> List[str]:
 TWO_PROMPTS = ["text: one", "tool: Shell\ntool-done: ok\ntext: two"]
 
 
+def sent_messages(recording: Path) -> List[dict]:
+    """What the client sent, in a recording."""
+    records = [json.loads(line) for line in recording.read_text().splitlines()]
+    return [record["msg"] for record in records if record["dir"] == "c2s"]
+
+
 def test_a_recording_holds_every_line_both_ways_as_the_fixtures_do(protocol: str, tmp_path: Path) -> None:
     recording = tmp_path / "session.jsonl"
     record_a_session(protocol, recording)
@@ -1763,6 +1770,64 @@ def test_a_conversations_session_id_is_none_while_its_last_turn_stands_failed() 
         assert chat.session_id is not None
 
 
+# ---- images in a prompt -------------------------------------------------------------------
+
+# the smallest PNG: one transparent pixel (67 bytes)
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
+)
+
+
+def test_a_prompt_of_text_and_an_image_reaches_the_agent_as_one_message(protocol: str) -> None:
+    with agent_client(protocol, "--images") as client:
+        answer = client.complete(["text: look", ImagePart(PNG, "image/png")], budget()).content
+    assert answer == "looksaw image/png, 67 bytes"
+
+
+def test_an_acp_agent_that_takes_no_images_is_refused_before_the_prompt_is_sent(tmp_path: Path) -> None:
+    recording = tmp_path / "session.jsonl"
+    with AcpLlmClient(fake_acp(record=str(recording)), config()) as client:
+        with pytest.raises(InvalidPromptError, match="takes no images"):
+            client.complete(["text: look", ImagePart(PNG, "image/png")], budget())
+        assert client.complete("text: after", budget()).content == "after"
+    assert [m.get("method") for m in sent_messages(recording)].count("session/prompt") == 1  # the text one
+
+
+def test_only_a_prompts_text_is_counted_against_the_budget(protocol: str) -> None:
+    big = ImagePart(PNG * 10_000, "image/png")  # 670 kB: its bytes are not tokens omk_llm can count
+    with agent_client(protocol, "--images", config=config(max_tokens=100)) as client:
+        assert client.complete(["text: look", big], TokenBudget(100)).content.startswith("look")
+
+
+def test_an_image_part_is_checked_when_made() -> None:
+    with pytest.raises(ValueError, match="bytes"):
+        ImagePart(b"", "image/png")
+    with pytest.raises(ValueError, match="image/png"):
+        ImagePart(PNG, "text/plain")
+    with pytest.raises(ValueError, match="pass mime_type="):
+        ImagePart.from_file(__file__)
+
+
+def test_an_image_part_from_a_file_guesses_its_type(tmp_path: Path) -> None:
+    path = tmp_path / "pixel.png"
+    path.write_bytes(PNG)
+    assert ImagePart.from_file(str(path)) == ImagePart(PNG, "image/png")
+    assert "PNG" not in repr(ImagePart(PNG, "image/png"))  # no bytes in the repr
+
+
+@pytest.mark.parametrize("prompt", [[b"bytes"], [], ["  "], [ImagePart(PNG, "image/png"), 3]])
+def test_a_prompt_of_bad_parts_is_refused_before_sending(prompt: Any) -> None:
+    with pytest.raises(InvalidPromptError):
+        WireLlmClient(ReplayWire("basic.jsonl", "p1"), config()).complete(prompt, budget())
+
+
+def test_the_mock_records_a_prompt_of_parts_as_given() -> None:
+    mock = MockLlmClient(["seen"])
+    mock.complete(["what is it?", ImagePart(PNG, "image/png")], budget())
+    assert mock.take_calls() == [["what is it?", ImagePart(PNG, "image/png")]]
+
+
 # ---- tools from the user ------------------------------------------------------------------
 
 
@@ -1848,8 +1913,7 @@ def test_mcp_servers_go_to_every_acp_session(tmp_path: Path) -> None:
     with AcpLlmClient(transport, config()) as client:
         client.complete("text: one", budget())
         client.complete("text: two", budget())
-    sent = [json.loads(line)["msg"] for line in recording.read_text().splitlines() if '"c2s"' in line]
-    opened = [m["params"]["mcpServers"] for m in sent if m.get("method") == "session/new"]
+    opened = [m["params"]["mcpServers"] for m in sent_messages(recording) if m.get("method") == "session/new"]
     assert opened and all(servers == [MCP_SERVER.acp()] for servers in opened)
     assert MCP_SERVER.acp()["env"] == [{"name": "MCP_NOTE_FILE", "value": "x"}]
 
@@ -3286,6 +3350,25 @@ def test_real_peer_calls_a_tool_of_the_users_own_mcp_server(protocol: str, tmp_p
 
 
 @pytest.mark.real_peer
+@pytest.mark.timeout(180)
+def test_real_peer_takes_an_image_when_its_model_does_and_refuses_it_clearly_when_not(
+    protocol: str, tmp_path: Path
+) -> None:
+    require_peer()
+    prompt = ["text: saw it", ImagePart(PNG, "image/png")]
+    for images in (True, False):
+        argv, env = kimi_echo.peer_command(protocol, tmp_path / str(images), images=images)
+        transport = TRANSPORTS[protocol](argv, env=env, startup_timeout=60)
+        with CLIENTS[protocol](transport, config(timeout=60, retry=NO_RETRY)) as client:
+            if images:
+                assert client.complete(prompt, budget()).content == "saw it"
+            else:
+                with pytest.raises(InvalidPromptError, match="required capability: image_in"):
+                    client.complete(prompt, budget())
+                assert client.complete("text: text still works", budget()).content == "text still works"
+
+
+@pytest.mark.real_peer
 @pytest.mark.timeout(120)
 def test_real_wire_peer_calls_a_python_function_as_a_tool(tmp_path: Path) -> None:
     require_peer()
@@ -3990,7 +4073,20 @@ def test_cli_events_prints_each_event_as_a_json_line_then_the_response() -> None
 
 def test_cli_events_is_for_one_prompt_not_a_batch() -> None:
     done = run_cli("--command", FAKE_COMMAND, "--events", "--batch", "-")
-    assert done.returncode == 2 and "--events is for one prompt" in done.stderr
+    assert done.returncode == 2 and "--events and --image are for one prompt" in done.stderr
+
+
+def test_cli_sends_the_images_it_is_given_with_the_prompt(tmp_path: Path) -> None:
+    image = tmp_path / "pixel.png"
+    image.write_bytes(PNG)
+    agent = f"{FAKE_COMMAND} --acp --images"
+    done = run_cli("--acp", "--command", agent, "--image", str(image), "text: look")
+    assert (done.returncode, done.stdout) == (0, "looksaw image/png, 67 bytes\n")
+
+
+def test_cli_image_that_cannot_be_read_is_a_usage_error(tmp_path: Path) -> None:
+    done = run_cli("--command", FAKE_COMMAND, "--image", str(tmp_path / "missing.png"), "text: look")
+    assert done.returncode == 2 and "cannot read the image" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_cli_on_a_terminal_shows_the_running_tool_and_wipes_it_when_it_ends() -> None:

@@ -53,7 +53,8 @@ kimi-cli 0.59-0.78 do),
 --persistent-always (ACP: name the allow_always option "Always allow", as agents that
 save it do), --fail-first N (the first N prompts play, then fail with a provider error),
 --ignore-eof (keep running after standard input closes, as a hung agent would),
---session-delay S (ACP: answer session/new after S seconds). Like Kimi's wire server, a
+--session-delay S (ACP: answer session/new after S seconds), --images (ACP: offer
+promptCapabilities.image; images are said back as "saw MIME, N bytes"). Like Kimi's wire server, a
 wire request whose id is not a string gets an invalid-request error naming no id.
 """
 
@@ -445,6 +446,7 @@ class Peer:
                         "protocolVersion": 1,
                         "agentInfo": {"name": self.opts.agent_name, "version": "0"},
                         "authMethods": [{"id": "login", "name": "Login", "description": "run fake login"}],
+                        "agentCapabilities": {"promptCapabilities": {"image": self.opts.images}},
                     },
                 )
             else:
@@ -487,10 +489,10 @@ class Peer:
                     )
                     return
                 self.session = params["sessionId"]
-                parts = [block["text"] for block in params["prompt"] if block.get("type") == "text"]
+                parts = [image_line(block) for block in params["prompt"]]
             else:
                 user_input = params["user_input"]
-                parts = [user_input] if isinstance(user_input, str) else [p["text"] for p in user_input]
+                parts = [user_input] if isinstance(user_input, str) else [image_line(p) for p in user_input]
             self.cancelled.clear()
             self.turn = threading.Thread(target=self.run_turn, args=(request_id, parts), daemon=True)
             self.turn.start()
@@ -511,8 +513,22 @@ class Peer:
             self.fail(request_id, -32601, f"Unexpected method received: {method}")
 
 
+def image_line(part: dict) -> str:
+    """A prompt part's text; an image (ACP image block, wire image_url) becomes a line that
+    says it back: "text: saw image/png, 67 bytes"."""
+    if part.get("type") == "text":
+        return part["text"]
+    if part.get("type") == "image":
+        mime, data = part["mimeType"], part["data"]
+    else:
+        mime, _, data = part["image_url"]["url"][len("data:") :].partition(";base64,")
+    import base64
+
+    return f"\ntext: saw {mime}, {len(base64.b64decode(data))} bytes\n"
+
+
 # The options and their defaults (argparse is not imported: every test starts this peer)
-FLAGS = ("acp", "old", "silent", "legacy", "ignore_eof", "auth_required", "persistent_always")
+FLAGS = ("acp", "old", "silent", "legacy", "ignore_eof", "auth_required", "persistent_always", "images")
 VALUES = {"session_delay": 0.0, "banner": None, "exit_after": 0, "startup_delay": 0.0,
           "agent_name": "fake", "fail_first": 0}
 

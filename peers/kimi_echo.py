@@ -244,13 +244,18 @@ def gpt2_vocabularies() -> Path:
 
 
 def peer_command(
-    protocol: str = "wire", home: Optional[Path] = None, scripts: Optional[List[str]] = None
+    protocol: str = "wire",
+    home: Optional[Path] = None,
+    scripts: Optional[List[str]] = None,
+    images: bool = False,
 ) -> Tuple[List[str], Dict[str, str]]:
     """The argv and environment that run the installed Kimi CLI offline with the echo
     provider, in ``home`` (default ``.peer/home``), speaking ``protocol`` ("wire" or "acp").
 
     With ``scripts``, the scripted echo provider plays them back instead, one per model
-    call across the whole session (a tool call, then the step after it, ...)."""
+    call across the whole session (a tool call, then the step after it, ...). With
+    ``images``, the model says it takes images (Kimi refuses an image for one that does
+    not)."""
     home = Path(home or PEER_DIR / "home").resolve()
     share = home / ".kimi"
     work = home / "work"
@@ -259,6 +264,9 @@ def peer_command(
     config = ECHO_CONFIG.format(default_model="scripted" if scripts else "echo")
     if has_scripted_echo():  # older releases refuse a config that names it
         config += SCRIPTED_CONFIG
+    if images:
+        size = "max_context_size = 100000\n"
+        config = config.replace(size, size + 'capabilities = ["image_in"]\n')
     (share / "config.toml").write_text(config)
     (home / "scripts.json").write_text(json.dumps(scripts or []))
     # ACP refuses session/new without a login token file. This dummy one is never sent
