@@ -78,10 +78,11 @@ from typing import (
     TypeVar,
     Union,
     cast,
+    get_type_hints,
     overload,
 )
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "AcpLlmClient",
@@ -429,6 +430,7 @@ class ImagePart:
 
 PromptPart = Union[str, ImagePart]
 Prompt = Union[str, Sequence[PromptPart]]  # a text, or text and images sent as one message
+_Checked = Union[str, Tuple[PromptPart, ...]]  # a prompt that passed _prompt_of
 
 
 # ---- tools from the user: MCP servers, and Python callables (Kimi wire) ---------------
@@ -522,10 +524,9 @@ class Tool:
 def _parameters_of(function: Callable[..., Any]) -> Dict[str, Any]:
     """A JSON schema of ``function``'s keyword parameters, from its signature."""
     import inspect  # lazy: only tools need it
-    import typing
 
     try:
-        hints = typing.get_type_hints(function)
+        hints = get_type_hints(function)
     except Exception:  # hints that do not resolve: the names still count
         hints = {}
     properties: Dict[str, Any] = {}
@@ -1240,7 +1241,7 @@ def _lone_surrogate_at(text: str) -> int:
     return -1
 
 
-def _prompt_of(prompt: object) -> Union[str, Tuple[PromptPart, ...]]:
+def _prompt_of(prompt: object) -> _Checked:
     """A prompt checked: its text, or its parts (text and ImageParts), else InvalidPromptError."""
     if isinstance(prompt, str) or not isinstance(prompt, (list, tuple)):
         return _check_prompt(prompt)
@@ -2418,7 +2419,7 @@ def is_agent_command(text: str) -> bool:
     return re.match(_AGENT_COMMAND, text) is not None
 
 
-def _as_plain_prompt(prompt: Union[str, Tuple[PromptPart, ...]], kimi: bool) -> PromptText:
+def _as_plain_prompt(prompt: _Checked, kimi: bool) -> PromptText:
     """``_as_plain_text`` for a prompt of parts: its first text part is the one escaped."""
     if isinstance(prompt, str):
         return _as_plain_text(prompt, kimi)
@@ -2836,7 +2837,7 @@ class _AgentLlmClient(_TurnCalls):
 
     def _admit(
         self, prompt: Prompt, budget: TokenBudget, history_tokens: int = 0
-    ) -> Tuple[Union[str, Tuple[PromptPart, ...]], Optional[int]]:
+    ) -> Tuple[_Checked, Optional[int]]:
         """The prompt, if it may be sent, and its token count if that had to be counted:
         InvalidPromptError, ContextLengthExceededError or BudgetExhaustedError if not.
         Only its text counts: what an image costs, only the agent can say."""
@@ -2879,7 +2880,7 @@ class _AgentLlmClient(_TurnCalls):
     def _attempt(
         self,
         context: _Context,
-        text: Union[str, Tuple[PromptPart, ...]],
+        text: _Checked,
         prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
         callbacks: Tuple[Optional[TextCallback], Optional[EventCallback]],
@@ -2924,7 +2925,7 @@ class _AgentLlmClient(_TurnCalls):
     def _locked_attempt(
         self,
         context: _Context,
-        text: Union[str, Tuple[PromptPart, ...]],
+        text: _Checked,
         prompt_tokens: Optional[int],
         budget: Optional[TokenBudget],
         callbacks: Tuple[Optional[TextCallback], Optional[EventCallback]],
@@ -3223,7 +3224,7 @@ class _AgentLlmClient(_TurnCalls):
     def _start(self, context: _Context, prompt: PromptText) -> Any:
         raise NotImplementedError
 
-    def _check_parts(self, prompt: Union[str, Tuple[PromptPart, ...]]) -> None:
+    def _check_parts(self, prompt: _Checked) -> None:
         """Refuse, before it is sent, a prompt with parts the agent said it cannot take."""
 
     def _send_cancel(self, turn: _Turn) -> None:
@@ -3985,7 +3986,7 @@ class AcpLlmClient(_AgentLlmClient):
     def _start(self, context: _Context, prompt: PromptText) -> Any:
         return self.acp.start_prompt(prompt, context.session)
 
-    def _check_parts(self, prompt: Union[str, Tuple[PromptPart, ...]]) -> None:
+    def _check_parts(self, prompt: _Checked) -> None:
         if isinstance(prompt, str) or not any(isinstance(part, ImagePart) for part in prompt):
             return
         agent = _object(_object(self.acp.peer_info).get("agentCapabilities"))

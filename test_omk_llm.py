@@ -3483,6 +3483,22 @@ def test_acp_sdk_agent_streams_its_answer_as_text_events(sdk_agent: AcpLlmClient
 
 
 @pytest.mark.real_peer
+def test_acp_sdk_agent_offers_no_images_so_one_is_refused_before_sending(sdk_agent: AcpLlmClient) -> None:
+    with pytest.raises(InvalidPromptError, match="takes no images"):
+        sdk_agent.complete(["describe it", ImagePart(PNG, "image/png")], budget())
+    assert sdk_agent.complete("text only", budget()).content == "text only"
+
+
+@pytest.mark.real_peer
+def test_acp_sdk_agent_cannot_resume_a_session_and_says_so(sdk_agent: AcpLlmClient) -> None:
+    with (
+        sdk_agent.conversation(resume="yesterday") as chat,
+        pytest.raises(LlmError, match="cannot resume a session"),
+    ):
+        chat.complete("hello", budget())
+
+
+@pytest.mark.real_peer
 def test_acp_sdk_agent_receives_command_like_text_as_text(sdk_agent: AcpLlmClient) -> None:
     # not Kimi: the text goes with a zero-width space in front, and comes back with it
     assert sdk_agent.complete("/yolo", budget()).content == "\u200b/yolo"
