@@ -2459,11 +2459,25 @@ def _kimi_session_dir(env: Optional[Mapping[str, str]], work_dir: str, session_i
     return folder if os.path.isdir(folder) else None
 
 
-def _kimi_history(folder: str) -> Tuple[int, int]:
-    """The turns in a Kimi session's saved context, and how many of them got no answer
-    (a user message with no assistant message after it: a failed turn)."""
-    turns = unanswered = 0
-    answered = True
+def _resumable_turns(session_id: str, speakers: Sequence[str]) -> int:
+    """How many turns a saved history holds, from who spoke in it, a message at a time
+    ("user", or "agent" for what the agent said or did). A user message with nothing of the
+    agent's after it is a turn that got no answer (a failed one): resuming would put it back
+    into the history, so that is an LlmError."""
+    unanswered = sum(
+        1 for at, who in enumerate(speakers) if who == "user" and speakers[at + 1 : at + 2] in ([], ["user"])
+    )
+    if unanswered:
+        raise LlmError(
+            f"the session {session_id!r} holds {unanswered} turn(s) that got no answer (failed "
+            "turns): resuming it would put them back into the history; start a new conversation"
+        )
+    return speakers.count("user")
+
+
+def _kimi_speakers(folder: str) -> List[str]:
+    """Who spoke in a Kimi session's saved context, a message at a time."""
+    speakers = []
     try:
         with open(os.path.join(folder, "context.jsonl"), encoding="utf-8") as file:
             for line in file:
@@ -2471,15 +2485,11 @@ def _kimi_history(folder: str) -> Tuple[int, int]:
                     role = json.loads(line).get("role")
                 except (ValueError, AttributeError):
                     continue
-                if role == "user":
-                    turns += 1
-                    unanswered += 0 if answered else 1
-                    answered = False
-                elif role == "assistant":
-                    answered = True
+                if role in ("user", "assistant"):
+                    speakers.append("user" if role == "user" else "agent")
     except OSError:
-        return 0, 0  # no context yet: an empty session
-    return turns, unanswered + (0 if answered else 1)
+        pass  # no context yet: an empty session
+    return speakers
 
 
 def _remove_cleared_contexts(folder: str) -> None:
@@ -2519,7 +2529,6 @@ class _Context:
         self.context_tokens: Optional[int] = None  # the agent's report after the last turn
         self.context_window: Optional[int] = None
         self.resume: Optional[str] = None  # a saved session to open before the first turn
-        self.resume_turns = 0  # how many turns its history holds (-1: not known)
         self.closed = False
 
     def follow(self, generation: int) -> bool:
@@ -2587,11 +2596,13 @@ class _Turn:
             if self.on_event is not None:
                 self.on_event(ThinkingEvent(chunk))
 
-    def emit(self, event: Callable[[], AgentEvent]) -> None:
-        """Give ``on_event`` the event ``event()`` builds (built only when there is a
-        callback, and never for a cancelled turn's remains)."""
+    def emit(self, make: Callable[..., Optional[AgentEvent]], *args: Any) -> None:
+        """Give ``on_event`` the event ``make(*args)`` builds, if any: built only when there
+        is a callback, and never for a cancelled turn's remains."""
         if self.on_event is not None and not self.draining:
-            self.on_event(event())
+            event = make(*args)
+            if event is not None:
+                self.on_event(event)
 
     def add_context(self, tokens: Optional[int], window: Optional[int]) -> None:
         """How full the agent says its context is (either may be unknown)."""
@@ -2785,12 +2796,12 @@ class _AgentLlmClient(_TurnCalls):
         context = self._open_context()
         if resume is not None:
             try:
-                context.resume_turns = self._check_resumable(resume)
+                turns = self._check_resumable(resume)
             except BaseException:
                 self._close_context(context)
                 raise
             context.resume = resume
-            context.turns = max(context.resume_turns, 0)  # known now over wire, at the load over ACP
+            context.turns = max(turns, 0)  # known now over wire, at the load over ACP
         return Conversation(self, context)
 
     def _check_resumable(self, session_id: str) -> int:
@@ -3060,7 +3071,7 @@ class _AgentLlmClient(_TurnCalls):
 
     def _answer(self, request: Request, turn: _Turn, deadline: float) -> None:
         if not self._is_approval(request):
-            turn.emit(lambda: OtherEvent(request.type, request.payload))
+            turn.emit(OtherEvent, request.type, request.payload)
             self._answer_other(request, turn)
             return
         decision = self.approval(request) if callable(self.approval) else self.approval
@@ -3071,7 +3082,7 @@ class _AgentLlmClient(_TurnCalls):
             raise _Stop("cancel" if turn.cancel_requested else "timeout")
         if decision in GRANTED:
             turn.approvals += 1
-        turn.emit(lambda: ApprovalEvent(*self._approval_about(request), str(decision)))
+        turn.emit(ApprovalEvent, *self._approval_about(request), str(decision))
         self._answer_approval(request, decision)
 
     def _cancel_and_drain(self, turn: _Turn, deadline: float) -> bool:
@@ -3540,8 +3551,7 @@ class WireLlmClient(_AgentLlmClient):
             self._occupant, self._occupant_generation = None, generation
         if context.resume is not None:
             context.generation, context.session, context.resume = generation, context.resume, None
-            context.turns = 1 if context.resume_turns < 0 else context.resume_turns
-            self._occupant = context
+            self._occupant = context  # it holds that session, and conversation() counted its turns
         if context.follow(generation):
             context.session = None
         fresh = context.failed or not context.keep_history or context.turns == 0
@@ -3572,13 +3582,7 @@ class WireLlmClient(_AgentLlmClient):
                 f"Kimi has no session {session_id!r} for the working directory {work_dir!r}: "
                 "check the id, and that the agent runs in the folder (and KIMI_SHARE_DIR) it had"
             )
-        turns, unanswered = _kimi_history(folder)
-        if unanswered:
-            raise LlmError(
-                f"the session {session_id!r} holds {unanswered} turn(s) that got no answer (failed "
-                "turns): resuming it would put them back into the history; start a new conversation"
-            )
-        return turns
+        return _resumable_turns(session_id, _kimi_speakers(folder))
 
     def _tidy_after_clear(self, generation: int, deadline: float) -> None:
         folder = self._agent_session(generation, deadline)[1]
@@ -3639,13 +3643,11 @@ class WireLlmClient(_AgentLlmClient):
             name = str(function.get("name") or "a tool")
             turn.tools.append(name)
             call_id, arguments = str(payload.get("id") or ""), function.get("arguments")
-            turn.emit(lambda: ToolCallEvent(call_id, name, arguments if isinstance(arguments, str) else ""))
+            turn.emit(ToolCallEvent, call_id, name, arguments if isinstance(arguments, str) else "")
             return
         elif kind == "ToolResult":
-            turn.emit(lambda: _wire_tool_update(payload))
-            plan = _wire_plan(payload)
-            if plan is not None:
-                turn.emit(lambda: plan)
+            turn.emit(_wire_tool_update, payload)
+            turn.emit(_wire_plan, payload)  # when it shows Kimi's to-do list
             return
         elif kind == "StatusUpdate":
             usage = payload.get("token_usage")
@@ -3653,15 +3655,12 @@ class WireLlmClient(_AgentLlmClient):
             context, window = _count(payload, "context_tokens"), _count(payload, "max_context_tokens")
             if counts is not None or context is not None:
                 turn.add_context(context, window)
-                turn.emit(
-                    lambda: UsageEvent(
-                        sum(counts[:-1]) if counts else None, counts[-1] if counts else None, context, window
-                    )
-                )
+                prompt, completion = (sum(counts[:-1]), counts[-1]) if counts else (None, None)
+                turn.emit(UsageEvent, prompt, completion, context, window)
                 if counts is not None:
                     turn.add_usage(sum(counts[:-1]), counts[-1])
                 return
-        turn.emit(lambda: OtherEvent(kind, event.payload))
+        turn.emit(OtherEvent, kind, event.payload)
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "ApprovalRequest"
@@ -3835,10 +3834,21 @@ class AcpStdio(_JsonRpcStdio):
                 f"the agent ({self.peer_name or shlex.join(self.argv)}) cannot resume a session: its "
                 "initialize offers neither session/load nor session/resume; start a new conversation"
             )
-        history = _History()
+        speakers: List[str] = []  # who spoke in the history the load replays, a message at a time
+
+        def heard(event: Event) -> None:
+            payload = _object(event.payload)
+            if event.type != "session/update" or payload.get("sessionId") != session_id:
+                return
+            kind = _object(payload.get("update")).get("sessionUpdate")
+            if kind == "user_message_chunk" and speakers[-1:] != ["user"]:
+                speakers.append("user")  # its next chunks are the same message
+            elif kind != "user_message_chunk" and kind not in _ACP_SESSION_NEWS:
+                speakers.append("agent")
+
         params = {"sessionId": session_id, "cwd": self.session_work_dir(), "mcpServers": self._mcp()}
         try:
-            self._session_request(method, params, on_event=lambda event: history.take(event, session_id))
+            self._session_request(method, params, on_event=heard)
         except (TransientNetworkError, WireProtocolError) as err:
             if "session not found" not in str(err).lower() and "invalid params" not in str(err).lower():
                 raise
@@ -3846,8 +3856,8 @@ class AcpStdio(_JsonRpcStdio):
                 f"the agent has no session {session_id!r} to resume for the working directory "
                 f"{self.session_work_dir()!r} ({err}); check the id and the agent's cwd"
             ) from None
-        history.check(session_id)
-        return history.turns if method == "session/load" else -1
+        turns = _resumable_turns(session_id, speakers)
+        return turns if method == "session/load" else -1
 
     def _session_request(
         self, method: str, params: Dict[str, Any], on_event: Optional[Callable[[Event], None]] = None
@@ -4022,29 +4032,23 @@ class AcpLlmClient(_AgentLlmClient):
         elif kind == "tool_call":
             name = str(update.get("title") or update.get("kind") or "a tool")
             turn.tools.append(name)
-            call_id, raw_input = str(update.get("toolCallId") or ""), update.get("rawInput")
-            arguments = "" if raw_input is None else json.dumps(raw_input, ensure_ascii=False)
-            turn.emit(lambda: ToolCallEvent(call_id, name, arguments))
+            turn.emit(_acp_tool_call, update, name)
             if update.get("status") not in ("completed", "failed"):
                 return
         elif kind == "usage_update":
             used = _counts(update, ("used",))
             if used is not None:
                 turn.add_context(max(turn.context_tokens or 0, used[0]), _count(update, "size"))
-                turn.emit(
-                    lambda: UsageEvent(context_tokens=turn.context_tokens, context_window=turn.context_window)
-                )
+                turn.emit(UsageEvent, None, None, turn.context_tokens, turn.context_window)
                 turn.check_budget(turn.context_tokens or 0)
                 return
         elif kind == "plan":
-            turn.emit(lambda: _acp_plan(update))
+            turn.emit(_acp_plan, update)
             return
         if kind in ("tool_call", "tool_call_update"):
-            call_id = str(update.get("toolCallId") or "")
-            status = str(update.get("status") or "in_progress")
-            turn.emit(lambda: ToolUpdateEvent(call_id, status, _acp_text(update.get("content"))))
+            turn.emit(_acp_tool_update, update)
             return
-        turn.emit(lambda: OtherEvent(str(kind), update))
+        turn.emit(OtherEvent, str(kind), update)
 
     def _is_approval(self, request: Request) -> bool:
         return request.type == "session/request_permission"
@@ -4081,7 +4085,7 @@ class AcpLlmClient(_AgentLlmClient):
         counts = _counts(usage, _ACP_USAGE_KEYS) if isinstance(usage, dict) else None
         if counts is not None:
             turn.usage = [sum(counts[:-1]), counts[-1]]
-            turn.emit(lambda: UsageEvent(sum(counts[:-1]), counts[-1]))
+            turn.emit(UsageEvent, sum(counts[:-1]), counts[-1])
         elif turn.context_tokens:
             # usage_update only says how full the context is: the prompt's share of that
             estimated_prompt, completion = self._tokens(turn)
@@ -4094,43 +4098,22 @@ class AcpLlmClient(_AgentLlmClient):
         turn.finish_reason = _ACP_STOP.get(reason, reason)
 
 
-class _History:
-    """The turns an ACP ``session/load`` replays: a turn is the user's message and what came
-    after it; one with nothing after it got no answer (Kimi's sign of a failed turn)."""
-
-    def __init__(self) -> None:
-        self.turns = 0
-        self.unanswered = 0
-        self._answered = True
-        self._in_user_message = False
-
-    def take(self, event: Event, session_id: str) -> None:
-        payload = _object(event.payload)
-        if event.type != "session/update" or payload.get("sessionId") != session_id:
-            return
-        kind = _object(payload.get("update")).get("sessionUpdate")
-        if kind == "user_message_chunk":
-            if not self._in_user_message:
-                self.turns += 1
-                self.unanswered += 0 if self._answered else 1
-                self._answered, self._in_user_message = False, True
-        elif kind not in _ACP_SESSION_NEWS:
-            self._answered, self._in_user_message = True, False
-
-    def check(self, session_id: str) -> None:
-        unanswered = self.unanswered + (0 if self._answered else 1)
-        if unanswered:
-            raise LlmError(
-                f"the session {session_id!r} holds {unanswered} turn(s) that got no answer (failed "
-                "turns): resuming it would put them back into the history; start a new conversation"
-            )
-
-
 def _acp_part(part: PromptPart) -> Dict[str, Any]:
     """A prompt part as an ACP content block."""
     if isinstance(part, ImagePart):
         return {"type": "image", "mimeType": part.mime_type, "data": part.base64()}
     return {"type": "text", "text": part}
+
+
+def _acp_tool_call(update: Dict[str, Any], name: str) -> ToolCallEvent:
+    raw_input = update.get("rawInput")
+    arguments = "" if raw_input is None else json.dumps(raw_input, ensure_ascii=False)
+    return ToolCallEvent(str(update.get("toolCallId") or ""), name, arguments)
+
+
+def _acp_tool_update(update: Dict[str, Any]) -> ToolUpdateEvent:
+    status = str(update.get("status") or "in_progress")
+    return ToolUpdateEvent(str(update.get("toolCallId") or ""), status, _acp_text(update.get("content")))
 
 
 def _acp_plan(update: Dict[str, Any]) -> PlanEvent:

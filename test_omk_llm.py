@@ -2964,10 +2964,14 @@ sys.path.insert(0, str(ROOT / "peers"))
 import kimi_echo  # noqa: E402
 
 
+def named_tool_call(name: str, arguments: dict) -> str:
+    """An echo-provider script line that makes the agent call the tool ``name``."""
+    return "tool_call: " + json.dumps({"id": "tc-1", "name": name, "arguments": json.dumps(arguments)})
+
+
 def tool_call(command: str) -> str:
     """An echo-provider script line that makes the agent call its Shell tool."""
-    arguments = json.dumps({"command": command})
-    return "tool_call: " + json.dumps({"id": "tc-1", "name": "Shell", "arguments": arguments})
+    return named_tool_call("Shell", {"command": command})
 
 
 def require_peer(what: str = "the real Kimi CLI") -> None:
@@ -3325,11 +3329,6 @@ def test_real_peer_session_that_holds_a_failed_turn_is_not_resumed(protocol: str
         later.conversation(resume=session) as chat,
     ):
         chat.complete("text: two", budget())
-
-
-def named_tool_call(name: str, arguments: dict) -> str:
-    """An echo-provider script line that makes the agent call the tool ``name``."""
-    return "tool_call: " + json.dumps({"id": "tc-1", "name": name, "arguments": json.dumps(arguments)})
 
 
 @pytest.mark.real_peer
